@@ -1,0 +1,151 @@
+"""MRLA-B (with ELA pruning) and MRLA-L layer-attention modules (paper eq. 4-7, 16; SPEC §2-3)."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .aggregate import LayerMemory, aggregate
+from .record import AttentionRecord
+
+__all__ = ["eca_kernel_size", "DropPath", "MRLABase", "MRLALight"]
+
+
+def eca_kernel_size(channels: int) -> int:
+    """Kernel of the 1-D query/key convolutions: t = int(|(log2 C + 1) / 2|), made odd (ECA-Net)."""
+    t = int(abs((math.log2(channels) + 1) / 2))
+    return t if t % 2 else t + 1
+
+
+class DropPath(nn.Module):
+    """Per-sample stochastic depth on a residual branch (Huang et al., 2016)."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"drop_path must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
+        return x * keep.div_(1.0 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class _QKV(nn.Module):
+    """Shared query/key/value extractors: ECA-style 1-D convs on the pooled descriptor, depthwise 3x3 value."""
+
+    def __init__(self, channels: int, head_dim: int) -> None:
+        super().__init__()
+        if channels % head_dim:
+            raise ValueError(f"channels ({channels}) must be a multiple of head_dim ({head_dim})")
+        self.channels = channels
+        self.head_dim = head_dim
+        self.heads = channels // head_dim
+        self.kernel_size = k = eca_kernel_size(channels)
+        self.conv_q = nn.Conv1d(1, 1, k, padding=k // 2, bias=False)
+        self.conv_k = nn.Conv1d(1, 1, k, padding=k // 2, bias=False)
+        self.conv_v = nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False)
+        self.scale = head_dim ** -0.5
+
+    def query_key(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        b = x.shape[0]
+        y = x.mean((2, 3)).unsqueeze(1)  # [B, 1, C]: the channel sequence
+        q = self.conv_q(y).view(b, self.heads, self.head_dim)
+        k = self.conv_k(y).view(b, self.heads, self.head_dim)
+        return q, k
+
+
+class MRLABase(_QKV):
+    """MRLA-B layer attention (paper eq. 5), prunable as in ELA (eq. 16).
+
+    Block t of a stage attends, per head, over the keys of the active blocks 1..t of its stage and
+    returns ``x + DropPath(ReLU(BN(sum_s alpha_{t,s} v_s)))``. When ``active`` is False the block
+    does no attention work, returns ``x`` unchanged and adds nothing to the stage's memory.
+
+    Args:
+        channels: channels C of the block output.
+        head_dim: channels per head d (32 on CIFAR, 16 on ImageNet).
+        drop_path: DropPath rate on the attention branch.
+        prunable: whether ELA may switch this block off (False for MRLA-B models).
+    """
+
+    def __init__(self, channels: int, *, head_dim: int = 32, drop_path: float = 0.0, prunable: bool = False) -> None:
+        super().__init__(channels, head_dim)
+        self.bn = nn.BatchNorm2d(channels)
+        self.drop_path = DropPath(drop_path)
+        self.prunable = prunable
+        self._active = True
+        self.block_index = -1  # position among the model's MRLA-B blocks, set by the model
+        self.stage_index = -1
+        self.first_in_stage = False
+        self.recorder: AttentionRecord | None = None
+
+    def forward(self, x: Tensor, identity: Tensor | None, memory: LayerMemory) -> Tensor:
+        if not self.active:
+            return x
+        q, k = self.query_key(x)
+        memory.keys.append(k)
+        memory.values.append(self.conv_v(x))
+        keys = torch.stack(memory.keys, dim=2)  # [B, heads, n, d]
+        logits = torch.matmul(q.unsqueeze(2), keys.transpose(-1, -2)).squeeze(2) * self.scale
+        attn = logits.softmax(dim=-1)  # [B, heads, n]: a distribution over the active layers
+        if self.recorder is not None:
+            self.recorder.add(self.block_index, self.stage_index, attn)
+        out = aggregate(attn, memory.values)
+        return x + self.drop_path(F.relu(self.bn(out)))
+
+    @property
+    def active(self) -> bool:
+        """Whether the block retrieves (m_l = 1); switching it off also stops its parameters' gradients."""
+        return self._active
+
+    @active.setter
+    def active(self, on: bool) -> None:
+        on = bool(on)
+        if on != self._active:
+            for p in self.parameters():
+                p.requires_grad_(on)
+        self._active = on
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"active": self.active}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.active = bool(state.get("active", True))
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, heads={self.heads}, k={self.kernel_size}, prunable={self.prunable}, active={self.active}"
+
+
+class MRLALight(_QKV):
+    """MRLA-L, the light layer attention (paper eq. 7; SPEC §2).
+
+    Only the current layer is retrieved: a per-head gate ``sigmoid(q·k / sqrt(d))`` scales the value,
+    a learnable per-channel ``lambda`` (standard-normal init) carries the block's identity input,
+    and the block returns ``x + DropPath(BN(gate * v + lambda * identity))``.
+    """
+
+    def __init__(self, channels: int, *, head_dim: int = 32, drop_path: float = 0.0) -> None:
+        super().__init__(channels, head_dim)
+        self.bn = nn.BatchNorm2d(channels)
+        self.drop_path = DropPath(drop_path)
+        self.lambda_t = nn.Parameter(torch.randn(channels))
+
+    def forward(self, x: Tensor, identity: Tensor, memory: LayerMemory | None = None) -> Tensor:
+        b, c = x.shape[:2]
+        q, k = self.query_key(x)
+        gate = torch.sigmoid((q * k).sum(-1) * self.scale)  # [B, heads]
+        gate = gate.repeat_interleave(self.head_dim, dim=1).view(b, c, 1, 1)
+        a = self.conv_v(x) * gate + self.lambda_t.view(1, c, 1, 1) * identity
+        return x + self.drop_path(self.bn(a))
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, heads={self.heads}, k={self.kernel_size}"

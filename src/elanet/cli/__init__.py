@@ -1,0 +1,40 @@
+"""The ``elanet`` command: one sub-command per module of this package, dispatched here."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+__all__ = ["main", "UsageError"]
+
+# sub-command -> module under elanet.cli that defines add_arguments(parser) and run(args) -> int
+COMMANDS = {
+    "train": "Train a model with staged ELA pruning (default: ELA ResNet on the bundled digits)",
+    "eval": "Evaluate a checkpoint (top-1 / top-5) with its pruned structure restored",
+    "models": "List every registered model with its parameters and GMACs",
+    "viz": "Draw attention maps, pruning charts, Score-CAM maps and speed plots",
+    "bench": "Benchmark the training step of plain, MRLA-L, MRLA-B and ELA models",
+}
+
+
+class UsageError(Exception):
+    """A user-facing input error: printed as one line, exit status 2."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="elanet", description="Efficient Layer Attention (ELA) for CNNs.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    modules = {}
+    for name, help_text in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        modules[name] = importlib.import_module(f"elanet.cli.{name}_cmd")
+        modules[name].add_arguments(p)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(modules[args.command].run(args) or 0)
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        print(f"elanet {args.command}: error: {e}", file=sys.stderr)
+        return 2
