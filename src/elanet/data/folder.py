@@ -1,0 +1,122 @@
+"""ImageFolder trees (ImageNet and custom data) read by DataLoader workers and normalised on the device."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .memory import normalize
+from .sharding import derive_seed, num_batches, shard_indices
+
+__all__ = ["train_transform", "eval_transform", "read_image_folders", "EpochSeededDataset", "ShardSampler",
+           "FolderLoader"]
+
+
+def train_transform(size: int):
+    """SPEC §4 ImageNet training augmentation: RandomResizedCrop(size) + horizontal flip, as uint8 CHW."""
+    from torchvision import transforms as T
+
+    return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.PILToTensor()])
+
+
+def eval_transform(size: int):
+    """SPEC §4 ImageNet evaluation: resize the short side to size * 256 / 224 (256 for 224), centre crop."""
+    from torchvision import transforms as T
+
+    return T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), T.PILToTensor()])
+
+
+def read_image_folders(data_dir: str | Path):
+    """The ``train`` and ``val`` ImageFolders of ``data_dir`` (untransformed), checked to share classes."""
+    from torchvision.datasets import ImageFolder
+
+    root = Path(data_dir).expanduser()
+    missing = [s for s in ("train", "val") if not (root / s).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{root} lacks {' and '.join(s + '/' for s in missing)}; expected "
+                                f"{root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg (ImageFolder layout)")
+    sets = []
+    for split in ("train", "val"):
+        try:
+            sets.append(ImageFolder(str(root / split)))
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{root / split}: no images found ({str(e).splitlines()[0]}); put images "
+                                    f"(.jpg, .png, ...) in {root / split}/<class>/") from None
+    train, val = sets
+    if train.classes != val.classes:
+        only_t = sorted(set(train.classes) - set(val.classes))
+        only_v = sorted(set(val.classes) - set(train.classes))
+        raise ValueError(f"{root}: train/ and val/ have different classes (only in train: {only_t[:5]}, "
+                         f"only in val: {only_v[:5]}); give both splits the same class folders")
+    return train, val
+
+
+class EpochSeededDataset(Dataset):
+    """Applies ``transform`` to ``base[i]`` with torch's CPU RNG seeded by ``(seed, epoch, i)``, so a
+    sample's augmentation depends only on the run's seed, the epoch and the index -- not on the number
+    of workers, the rank or what ran before (resumable). The caller's RNG state is restored."""
+
+    def __init__(self, base: Dataset, transform, *, seed: int = 0) -> None:
+        self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        img, label = self.base[i]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(2, self.seed, self.epoch, i))
+            return self.transform(img), label
+
+
+class ShardSampler(Sampler[int]):
+    """Indices of one rank for the current epoch (:func:`~elanet.data.sharding.shard_indices`)."""
+
+    def __init__(self, n: int, *, train: bool, rank: int, world_size: int, seed: int) -> None:
+        self.n, self.train, self.rank, self.world_size, self.seed, self.epoch = n, train, rank, world_size, seed, 0
+
+    def __iter__(self) -> Iterator[int]:
+        idx = shard_indices(self.n, train=self.train, rank=self.rank, world_size=self.world_size,
+                            seed=self.seed, epoch=self.epoch)
+        return iter(idx.tolist())
+
+    def __len__(self) -> int:
+        return self.n // self.world_size if self.train else len(range(self.rank, self.n, self.world_size))
+
+
+class FolderLoader:
+    """DataLoader over an ImageFolder that yields normalised float32 batches on ``device``.
+
+    Workers decode and augment to uint8 (4x less host-to-device traffic than float), batches are pinned
+    when ``device`` is CUDA and normalised there. Training batches are shuffled per epoch, sharded with
+    equal sizes and drop a partial last batch; evaluation covers each rank's shard exactly once.
+    """
+
+    def __init__(self, base: Dataset, transform, *, batch_size: int, mean: Sequence[float], std: Sequence[float],
+                 device: torch.device, train: bool, workers: int = 4, rank: int = 0, world_size: int = 1,
+                 seed: int = 0) -> None:
+        self.dataset = EpochSeededDataset(base, transform, seed=seed)
+        self.sampler = ShardSampler(len(base), train=train, rank=rank, world_size=world_size, seed=seed)
+        self.device = device
+        self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
+                                 pin_memory=device.type == "cuda",
+                                 drop_last=train and len(self.sampler) >= batch_size)
+        shape = (1, -1, 1, 1)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(shape)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(shape)
+        self.batch_size, self.train = batch_size, train
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the shuffle order and augmentation draws of ``epoch`` (workers start afresh each pass)."""
+        self.dataset.epoch = self.sampler.epoch = epoch
+
+    def __len__(self) -> int:
+        return num_batches(len(self.sampler), self.batch_size, drop_last=self.train)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for x, y in self.loader:
+            x = x.to(self.device, non_blocking=True)
+            yield normalize(x, mean=self.mean, std=self.std, scale=255.0), y.to(self.device, non_blocking=True)
