@@ -11,7 +11,7 @@ from torch import nn
 
 import elanet
 from elanet.attention import DropPath, MRLABase, MRLALight, aggregate, eca_kernel_size
-from elanet.models import Bottleneck, ResNet
+from elanet.models import ResNet
 
 
 # ---------------------------------------------------------------- float64 numpy references
