@@ -1,12 +1,117 @@
-"""``elanet viz``: placeholder until its issue lands."""
+"""``elanet viz attention|pruning|scorecam|speed``: draw what ELA did from a run folder, checkpoint or benchmark."""
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from ..viz import figure
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, help="folder for the picture (default: the run folder, or beside the input file)")
+    p.add_argument("--format", choices=figure.FORMATS, default="png", dest="fmt", help="image format (default png)")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prefer", choices=["last", "best"], default="last",
+                   help="which checkpoint of a run folder (default last: the final pruned structure)")
+    p.add_argument("--data-dir", help="dataset folder (default: the checkpoint's)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ... or auto (default cpu)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    pass
+    sub = p.add_subparsers(dest="viz_command", metavar="WHAT", required=True)
+    a = sub.add_parser("attention", help="mean layer-attention heatmap per stage (paper Figures 2a, 6, 7)")
+    a.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN", help="a .pt file or a run folder")
+    a.add_argument("--images", type=int, default=64, help="test images to average over (default 64)")
+    _model_args(a)
+    _common(a)
+    r = sub.add_parser("pruning", help="scores, EBQM values, tau and the mask of every pruning round (Figure 1)")
+    r.add_argument("run", metavar="RUN", help="a run folder (its pruning.json) or a pruning.json file")
+    _common(r)
+    s = sub.add_parser("scorecam", help="Score-CAM maps of blocks' attention outputs for one image (Figures 3, 5)")
+    s.add_argument("checkpoint", metavar="CHECKPOINT", help="a .pt file or a run folder")
+    s.add_argument("--image", type=Path, help="PNG/JPEG file (default: the first test image of the dataset, "
+                                              "or the bundled digits image)")
+    s.add_argument("--blocks", type=int, nargs="+", help="block indices (default: the last stage's, at most 6)")
+    s.add_argument("--target", type=int, help="class to explain (default: the predicted class)")
+    s.add_argument("--batch-size", type=int, default=64, help="masked images per forward pass (default 64)")
+    _model_args(s)
+    _common(s)
+    b = sub.add_parser("speed", help="training time against depth per variant (Figure 4)")
+    b.add_argument("bench", metavar="BENCH_JSON", help="benchmark JSON written by `elanet bench`")
+    _common(b)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _load(args: argparse.Namespace):
+    from ..training.checkpoint import load_checkpoint, model_from_checkpoint
+
+    ckpt = load_checkpoint(args.checkpoint, prefer=args.prefer)
+    model = model_from_checkpoint(ckpt, device=_device(args.device))
+    src = Path(args.checkpoint)
+    return ckpt, model, args.out or (src if src.is_dir() else src.parent)
+
+
+def _attention(args: argparse.Namespace) -> Path:
+    from ..viz import draw_attention
+    from ..viz.inputs import dataset_images
+
+    if args.images < 1:
+        raise ValueError(f"--images must be >= 1, got {args.images}")
+    ckpt, model, out = _load(args)
+    images = dataset_images(ckpt, args.images, data_dir=args.data_dir)
+    n = images.shape[0]
+    title = (f"{ckpt['model_name']}: mean layer attention over {n} test image{'s' * (n != 1)} and all heads "
+             "(block index = ELA mask index)")
+    return draw_attention(model, images, out, fmt=args.fmt, title=title)
+
+
+def _pruning(args: argparse.Namespace) -> Path:
+    from ..viz import draw_pruning
+
+    src = Path(args.run)
+    path = src / "pruning.json" if src.is_dir() else src
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: pass a run folder of an ELA model written by `elanet train` "
+                                "after its first pruning window")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("rounds"), list):
+        raise ValueError(f"{path} has no 'rounds' list: pass the pruning.json written by `elanet train`")
+    title = f"{data.get('model', 'ELA')}: KL divergence → EBQM → threshold τ → mask (red: pruned)"
+    return draw_pruning(data["rounds"], args.out or path.parent, fmt=args.fmt, title=title)
+
+
+def _scorecam(args: argparse.Namespace) -> Path:
+    from ..viz import draw_scorecam
+    from ..viz.inputs import checkpoint_normalisation, load_image, sample_image, to_display
+
+    ckpt, model, out = _load(args)
+    norm = checkpoint_normalisation(ckpt)
+    image = load_image(args.image, norm) if args.image else sample_image(ckpt, data_dir=args.data_dir)
+    return draw_scorecam(model, image, out, blocks=args.blocks, target=args.target, display=to_display(image[0], norm),
+                         fmt=args.fmt, batch_size=args.batch_size, classes=ckpt.get("classes"))
+
+
+def _speed(args: argparse.Namespace) -> Path:
+    from ..viz import draw_speed, read_bench
+
+    records = read_bench(args.bench)
+    return draw_speed(records, args.out or Path(args.bench).parent, fmt=args.fmt)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise NotImplementedError("elanet viz is not implemented yet")
+    draw = {"attention": _attention, "pruning": _pruning, "scorecam": _scorecam, "speed": _speed}[args.viz_command]
+    print(f"wrote {draw(args)}")
+    return 0
