@@ -1,6 +1,7 @@
 """The staged pruning schedule (paper §3.4; SPEC §3.3): measurement windows, scores, decisions, mask."""
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from typing import Any, Callable, Sequence
@@ -178,7 +179,7 @@ class PruningSchedule:
             "gamma": self.gamma, "alpha": self.alpha, "beta": self.beta, "tau": self.tau,
             "strategy": self.strategy, "mapping": self.mapping, "threshold": self.threshold,
             "fixed_count": self.fixed_count, "eps": self.eps,
-            "rounds": self.rounds,
+            "rounds": copy.deepcopy(self.rounds),
             "pairs": [list(p) for p in self._pairs],
             "sum": None if self._sum is None else self._sum.cpu().tolist(),
             "count": None if self._count is None else self._count.cpu().tolist(),
@@ -191,7 +192,7 @@ class PruningSchedule:
             strategy=state["strategy"], mapping=state["mapping"], threshold=state["threshold"],
             fixed_count=state["fixed_count"], eps=state["eps"], reduce_fn=self.reduce_fn,
         )
-        self.rounds = list(state["rounds"])
+        self.rounds = copy.deepcopy(list(state["rounds"]))
         self._pairs = [tuple(p) for p in state["pairs"]]
         if state["sum"] is not None:
             self._sum = torch.tensor(state["sum"], dtype=torch.float64, device=device)

@@ -1,0 +1,174 @@
+"""Training configuration: presets reproducing the paper's recipes (SPEC §3.3, §4), YAML files and flags."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..data import DATASETS
+from ..models import list_models, model_info
+from ..pruning import MAPPINGS, check_ebqm_args
+
+__all__ = ["TrainConfig", "PRESETS", "DEFAULT_PRESET", "resolve_config", "load_yaml", "save_yaml"]
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run; the resolved config is saved as ``config.yaml`` in the run folder."""
+
+    model: str = "resnet56_ela"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    download: bool = False
+    image_size: int | None = None  # folder / imagenet crop size (default 224)
+    out: str | None = None
+    epochs: int = 30
+    batch_size: int = 64
+    eval_batch_size: int | None = None
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 0
+    milestones: list[int] = field(default_factory=lambda: [20, 26])
+    lr_decay: float = 0.1
+    drop_path: float = 0.0
+    label_smoothing: float = 0.0
+    # ELA pruning (SPEC §3): windows are 1-based inclusive epoch ranges; empty disables pruning
+    windows: list[list[int]] = field(default_factory=lambda: [[1, 2], [10, 11]])
+    gamma: float = 0.5
+    alpha: float = 5.0
+    beta: float = 1.0
+    tau: float = 0.3
+    strategy: str = "quantile"
+    mapping: str = "beta"
+    threshold: float = 0.0
+    fixed_count: int = 1
+    # runtime
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "none"  # none | bf16 | fp16
+    channels_last: bool = False
+    workers: int = 4
+    threads: int | None = None
+    plots: bool = True
+    tensorboard: bool = True
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the fix for any setting out of range."""
+        if self.model not in list_models():
+            model_info(self.model)  # raises with close matches
+        if self.dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {self.dataset!r}: use one of {', '.join(DATASETS)}")
+        positive = dict(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr)
+        for k, v in positive.items():
+            if not v > 0:
+                raise ValueError(f"{k} must be > 0, got {v}")
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0 or self.warmup_epochs < 0:
+            raise ValueError("weight_decay and warmup_epochs must be >= 0")
+        if not 0 < self.lr_decay <= 1:
+            raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
+        if any(not 1 <= m <= self.epochs for m in self.milestones) or sorted(self.milestones) != list(self.milestones):
+            raise ValueError(f"milestones {self.milestones} must be increasing epochs within 1..{self.epochs}")
+        if not 0 <= self.drop_path < 1 or not 0 <= self.label_smoothing < 1:
+            raise ValueError("drop_path and label_smoothing must be in [0, 1)")
+        check_ebqm_args(gamma=self.gamma, alpha=self.alpha, beta=self.beta, tau=self.tau)
+        if self.mapping not in MAPPINGS:
+            raise ValueError(f"unknown mapping {self.mapping!r}: use one of {', '.join(MAPPINGS)}")
+        if self.strategy not in ("quantile", "threshold", "fixed"):
+            raise ValueError(f"unknown strategy {self.strategy!r}: use quantile, threshold or fixed")
+        last = 0
+        for w in self.windows:
+            if len(w) != 2 or not (1 <= w[0] <= w[1]) or w[0] <= last:
+                raise ValueError(f"windows {self.windows} must be increasing [start, end] epoch pairs (1-based, inclusive)")
+            last = w[1]
+        if last > self.epochs and self.model.endswith("_ela"):
+            raise ValueError(f"pruning window ending at epoch {last} is beyond the last epoch ({self.epochs}): shorten the window or raise --epochs")
+        if self.amp not in ("none", "bf16", "fp16"):
+            raise ValueError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.workers < 0 or (self.threads is not None and self.threads < 1):
+            raise ValueError("workers must be >= 0 and threads >= 1")
+        if self.image_size is not None and self.image_size < 8:
+            raise ValueError(f"image_size must be >= 8, got {self.image_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_CIFAR_SCHEDULE = dict(windows=[[1, 3], [45, 48], [91, 93]], alpha=5.0, beta=1.0, tau=0.3)
+_IMAGENET_SCHEDULE = dict(windows=[[1, 3], [51, 53]], alpha=2.0, beta=5.0, tau=0.25)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The embedded default: an ELA ResNet-56 on scikit-learn's digits in a couple of minutes on 2 cores.
+    "digits": dict(model="resnet56_ela", epochs=30, batch_size=64, lr=0.1, weight_decay=5e-4, milestones=[20, 26],
+                   drop_path=0.0, windows=[[1, 2], [10, 11]], alpha=5.0, beta=1.0, tau=0.3),
+    # SPEC §4 CIFAR recipe: SGD 0.1, batch 128, 180 epochs, x0.1 at 100 and 150, DropPath 0.2.
+    "cifar": dict(model="resnet56_ela", epochs=180, batch_size=128, lr=0.1, momentum=0.9, weight_decay=1e-4,
+                  warmup_epochs=0, milestones=[100, 150], drop_path=0.2, **_CIFAR_SCHEDULE),
+    # SPEC §4 ImageNet recipe: SGD 0.1, batch 256, 100 epochs, 3 warm-up epochs, x0.1 every 30 epochs.
+    "imagenet": dict(model="resnet50_ela", epochs=100, batch_size=256, lr=0.1, momentum=0.9, weight_decay=1e-4,
+                     warmup_epochs=3, milestones=[30, 60, 90], drop_path=0.2, **_IMAGENET_SCHEDULE),
+}
+DEFAULT_PRESET = {"digits": "digits", "cifar10": "cifar", "cifar100": "cifar", "imagenet": "imagenet", "folder": "imagenet"}
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML mapping of settings; a malformed file or unknown key raises ``ValueError``."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ValueError(f"{p} is not valid YAML{where}: fix the syntax (settings are 'key: value' lines)") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{p} must hold a mapping of settings (key: value), not {type(data).__name__}")
+    return data
+
+
+def save_yaml(cfg: TrainConfig, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def resolve_config(*, preset: str | None = None, config_file: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Preset, then YAML file, then command-line overrides (later wins); validated.
+
+    The preset defaults to the dataset's recipe (digits / cifar / imagenet) when not given.
+    """
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    from_file = load_yaml(config_file) if config_file else {}
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(from_file) - names - {"preset"})
+    if unknown:
+        raise ValueError(f"unknown setting(s) {', '.join(unknown)} in {config_file}: valid keys are {', '.join(sorted(names))}")
+    preset = overrides.pop("preset", None) or preset or from_file.pop("preset", None)
+    from_file.pop("preset", None)
+    dataset = overrides.get("dataset", from_file.get("dataset", TrainConfig.dataset))
+    name = preset or DEFAULT_PRESET.get(dataset, "digits")
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: use one of {', '.join(PRESETS)}")
+    values = {**PRESETS[name], **from_file, **overrides}
+    try:
+        cfg = TrainConfig(**values)
+    except TypeError as e:
+        raise ValueError(f"bad setting: {e}") from None
+    for f in dataclasses.fields(TrainConfig):  # YAML may give "0.1" or 5 where a float is meant
+        v = getattr(cfg, f.name)
+        if f.type in ("float", "float | None") and isinstance(v, (int, str)) and not isinstance(v, bool):
+            try:
+                setattr(cfg, f.name, float(v))
+            except ValueError:
+                raise ValueError(f"{f.name} must be a number, got {v!r}") from None
+    cfg.validate()
+    return cfg
