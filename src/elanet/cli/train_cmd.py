@@ -1,4 +1,4 @@
-"""``elanet train``: staged ELA training; with no arguments, an ELA ResNet-56 on the bundled digits."""
+"""``elanet train``: staged ELA training; with no arguments, an ELA ResNet-20 on the bundled digits."""
 from __future__ import annotations
 
 import argparse
@@ -33,7 +33,7 @@ def _ints(text: str) -> list[int]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what to train")
-    g.add_argument("--model", help="model name (see `elanet models`), default resnet56_ela")
+    g.add_argument("--model", help="model name (see `elanet models`), default: the preset's (digits: resnet20_ela)")
     g.add_argument("--dataset", help="digits (default, bundled), cifar10, cifar100, imagenet or folder")
     g.add_argument("--data-dir", help="dataset folder (CIFAR: torchvision's layout; imagenet/folder: train/ and val/)")
     g.add_argument("--download", action="store_const", const=True, help="download CIFAR into --data-dir (needs internet)")

@@ -98,20 +98,25 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _new_run_dir(cfg: TrainConfig, info: DistInfo) -> Path:
-    if cfg.out:
-        run = Path(cfg.out)
-        if run.exists() and (not run.is_dir() or any(run.iterdir())):
-            raise ValueError(f"run folder {run} already exists and is not empty: continue it with --resume {run} or choose another --out")
-    else:
-        run = Path("runs") / f"{cfg.model}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if info.enabled:  # every rank must use rank 0's folder name
-            name = [str(run)]
-            torch.distributed.broadcast_object_list(name, src=0)
-            run = Path(name[0])
-        k, base = 1, run
-        while run.exists() and info.main:
-            k, run = k + 1, Path(f"{base}-{k}")
-    return run
+    """Rank 0 picks (and checks) the run folder; every rank gets its answer, or its error."""
+    run, error = None, None
+    if info.main:
+        if cfg.out:
+            run = Path(cfg.out)
+            if run.exists() and (not run.is_dir() or any(run.iterdir())):
+                error = f"run folder {run} already exists and is not empty: continue it with --resume {run} or choose another --out"
+        else:
+            base = run = Path("runs") / f"{cfg.model}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+            k = 1
+            while run.exists():
+                k, run = k + 1, Path(f"{base}-{k}")
+    if info.enabled:
+        shared = [str(run), error]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        run, error = Path(shared[0]), shared[1]
+    if error:
+        raise ValueError(error)
+    return Path(run)
 
 
 class _StopFlag:
@@ -307,6 +312,9 @@ def _train(cfg, info: DistInfo, device: torch.device, resume, on_step, log) -> d
                     if cfg.plots:
                         _plot(lambda: _viz().draw_pruning(schedule.rounds, run), log)
 
+            if info.enabled:  # BN statistics drift per rank after the last step: evaluate and save rank 0's
+                for b in model.buffers():
+                    torch.distributed.broadcast(b, src=0)
             test = evaluate(model, data.test, amp=cfg.amp)
             active = sum(m.active for m in model.modules() if isinstance(m, MRLABase))
             row = [epoch, lr, train_loss / train_n, 100.0 * train_correct / train_n, test["loss"], test["top1"], test["top5"], epoch_s, active]
