@@ -302,6 +302,9 @@ def _train(cfg, info: DistInfo, device: torch.device, resume, on_step, log) -> d
             epoch_s = time.time() - t0
             skip = 0
             train_loss, train_correct, train_n = all_reduce_sum(sums.clone()).tolist()
+            if not math.isfinite(train_loss):
+                raise ValueError(f"training diverged in epoch {epoch} (loss {train_loss}): lower --lr or raise --warmup-epochs; "
+                                 f"{run / 'last.pt'} holds the last finite epoch")
 
             report = schedule.end_epoch(epoch, model) if schedule is not None else None
             if report is not None:
