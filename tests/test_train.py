@@ -205,3 +205,10 @@ def test_default_digits_job(tmp_path):
     assert any(r["pruned"] for r in rounds) and summary["active_blocks"] < summary["attention_blocks"]
     assert "pruning round 1" in proc.stdout and "done: best top-1" in proc.stdout
     assert (tmp_path / "digits" / "pruning.png").stat().st_size > 0 and (tmp_path / "digits" / "attention.png").stat().st_size > 0
+
+
+def test_tensorboard_events_where_installed(cifar, tmp_path):
+    pytest.importorskip("tensorboard")
+    run = tmp_path / "tb"
+    train(tiny_cfg(cifar, run, epochs=1, windows=[[1, 1]], tensorboard=True), log=lambda s: None)
+    assert list((run / "tb").glob("events.out.tfevents.*"))
