@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .aggregate import LayerMemory, aggregate
+from .aggregate import LayerMemory
 from .record import AttentionRecord
 
 __all__ = ["eca_kernel_size", "DropPath", "MRLABase", "MRLALight"]
@@ -93,14 +93,13 @@ class MRLABase(_QKV):
             return x
         q, k = self.query_key(x)
         memory.keys.append(k)
-        memory.values.append(self.conv_v(x))
         keys = torch.stack(memory.keys, dim=2)  # [B, heads, n, d]
         logits = torch.matmul(q.unsqueeze(2), keys.transpose(-1, -2)).squeeze(2) * self.scale
         attn = logits.softmax(dim=-1)  # [B, heads, n]: a distribution over the active layers
         if self.recorder is not None:
             self.recorder.add(self.block_index, self.stage_index, attn)
-        out = aggregate(attn, memory.values)
-        return x + self.drop_path(F.relu(self.bn(out)))
+        out = memory.retrieve(attn, self.conv_v(x))  # stores v_t, returns sum_s alpha_s v_s
+        return x + self.drop_path(F.relu(self.bn(out), inplace=True))
 
     @property
     def active(self) -> bool:

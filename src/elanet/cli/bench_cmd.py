@@ -1,12 +1,76 @@
-"""``elanet bench``: placeholder until its issue lands."""
+"""``elanet bench``: time the training step of plain, MRLA-L, MRLA-B and ELA ResNets.
+
+Example::
+
+    elanet bench --depths 56 110 --out bench.json          # CIFAR input, CPU, 2 threads, batch 64
+    elanet bench --depths 50 --batch-size 16 --steps 5     # ImageNet ResNet-50 at 224x224
+    elanet bench --depths 56 --run runs/ela56              # adds the final mask of a training run
+"""
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
+
+import torch
+
+from ..bench import FRACTIONS, format_table, make_variants, run_benchmark, save_json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    pass
+    p.add_argument("--depths", type=int, nargs="+", default=[56, 110], help="ResNet depths: 20/56/110 (CIFAR, 32x32) or 50/101 (ImageNet, 224x224)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=10, help="timed rounds (each runs every variant once)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--image-size", type=int, default=None, help="input side (default 32 on CIFAR, 224 on ImageNet)")
+    p.add_argument("--drop-path", type=float, default=0.2, help="DropPath rate of the attention branch")
+    p.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS), help="pruned fractions of the fixed ELA masks")
+    p.add_argument("--no-kl", action="store_true", help="leave out 'ELA 0%% +KL' (KL scores accumulated every step)")
+    p.add_argument("--run", default=None, help="training run folder: adds 'ELA run' with the final mask of its pruning.json")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench.json", help="JSON file for the results")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The full command line, every setting spelled out."""
+    words = ["elanet", "bench", "--depths", *map(str, args.depths), "--batch-size", str(args.batch_size),
+             "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
+             "--device", args.device, "--drop-path", f"{args.drop_path:g}", "--fractions", *(f"{f:g}" for f in args.fractions),
+             "--seed", str(args.seed), "--out", args.out]
+    if args.image_size:
+        words += ["--image-size", str(args.image_size)]
+    if args.no_kl:
+        words.append("--no-kl")
+    if args.run:
+        words += ["--run", args.run]
+    return shlex.join(words)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise NotImplementedError("elanet bench is not implemented yet")
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> int:
+    variants = make_variants(args.depths, fractions=args.fractions, measure_kl=not args.no_kl, run_dir=args.run)
+    log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    if log:
+        log(f"benchmarking {len(variants)} variants on {args.device} ({args.threads} threads), batch {args.batch_size}")
+    report = run_benchmark(
+        variants, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, device=args.device,
+        image_size=args.image_size, drop_path=args.drop_path, seed=args.seed, log=log,
+    )
+    report["command"] = _command(args)
+    print(format_table(report))
+    path = save_json(report, args.out)
+    print(f"saved {path}")
+    return 0

@@ -64,7 +64,8 @@ class Stage(nn.Sequential):
     """
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
-        memory = LayerMemory()
+        active = sum(isinstance(getattr(b, "attn", None), MRLABase) and b.attn.active for b in self)
+        memory = LayerMemory(capacity=active)  # its value buffer is allocated once, for the active blocks
         for block in self:
             x = block(x, memory)
         return x

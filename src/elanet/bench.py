@@ -1,0 +1,346 @@
+"""Training-step benchmark of plain, MRLA-L, MRLA-B and ELA ResNets (paper §4.1, Figure 4).
+
+Every variant is built once, warmed up, then timed in rounds: each round runs one training step
+(forward, backward, optimiser step) of every variant, in a shuffled order, so that load from other
+processes spreads over all variants alike. Reported per variant: the median step time, the peak
+memory of one step and the MACs of one forward pass. ``elanet bench`` is the command line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import record_attention
+from .models import create_model, list_models, model_info
+from .profile import profile
+from .pruning import PruningSchedule, ela_blocks, set_mask
+
+__all__ = [
+    "Variant", "FRACTIONS", "spread_mask", "run_mask", "make_variants", "peak_memory", "run_benchmark",
+    "format_table", "save_json", "SCHEMA",
+]
+
+SCHEMA = "elanet-bench/1"
+FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
+MEMORY_NOTE = (
+    "peak bytes of tensors allocated during one training step (forward, backward, optimiser step) above "
+    "those alive before it (parameters, optimiser state, the batch); gradients count, as the step starts "
+    "from zero_grad(set_to_none=True). CPU: allocation events of torch.profiler(profile_memory=True); "
+    "CUDA: torch.cuda.max_memory_allocated."
+)
+
+
+@dataclass
+class Variant:
+    """One model to benchmark.
+
+    Attributes:
+        model: registered model name, e.g. ``'resnet56_ela'``.
+        depth: backbone depth (56 for ``'resnet56_ela'``).
+        label: variant label shared across depths: ``'plain'``, ``'MRLA-L'``, ``'MRLA-B'``,
+            ``'ELA 25%'`` (a fixed, evenly spread mask), ``'ELA 0% +KL'`` (records the attention and
+            accumulates the KL scores every step, as in a measurement window) or ``'ELA run'``
+            (the final mask of a training run).
+        mask: ELA active flags, or None.
+        pruned_fraction: pruned share of the prunable (not stage-first) ELA blocks; None without a mask.
+        measure_kl: whether each step accumulates the KL scores.
+    """
+
+    model: str
+    depth: int
+    label: str
+    mask: list[bool] | None = None
+    pruned_fraction: float | None = None
+    measure_kl: bool = False
+
+
+def spread_mask(model: nn.Module, fraction: float) -> list[bool]:
+    """An ELA mask pruning ``round(fraction * P)`` of the P prunable blocks, evenly spread.
+
+    The first block of every stage is never pruned (SPEC §3); the others are taken at evenly
+    spaced positions in forward order, so every stage loses about the same share.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"pruned fraction must be in [0, 1], got {fraction}")
+    blocks = ela_blocks(model)
+    if not blocks:
+        raise ValueError("model has no ELA blocks: build it with an '_ela' name")
+    candidates = [i for i, m in enumerate(blocks) if not m.first_in_stage]
+    k = int(fraction * len(candidates) + 0.5)
+    pruned = {candidates[int((j + 0.5) * len(candidates) / k)] for j in range(k)}
+    return [i not in pruned for i in range(len(blocks))]
+
+
+def run_mask(run_dir: str | Path) -> tuple[str, list[bool] | None]:
+    """The model name and final ELA mask of a training run folder (its ``pruning.json``).
+
+    The mask is the last round's; None (all blocks active) when the run has no rounds.
+    """
+    path = Path(run_dir) / "pruning.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: pass the folder of a training run with ELA pruning")
+    data = json.loads(path.read_text())
+    if "model" not in data or not isinstance(data.get("rounds"), list):
+        raise ValueError(f"{path} needs 'model' and a 'rounds' list")
+    rounds = data["rounds"]
+    return data["model"], ([bool(x) for x in rounds[-1]["mask"]] if rounds else None)
+
+
+def _depth(name: str) -> int:
+    return int(model_info(name)["backbone"].removeprefix("resnet"))
+
+
+def _ela_variant(model: nn.Module, name: str, label: str, mask: list[bool], measure_kl: bool = False) -> Variant:
+    set_mask(model, mask)  # checks the mask against the model
+    prunable = [on for on, m in zip(mask, ela_blocks(model)) if not m.first_in_stage]
+    fraction = prunable.count(False) / len(prunable) if prunable else 0.0
+    return Variant(name, _depth(name), label, list(mask), fraction, measure_kl)
+
+
+def make_variants(
+    depths: Sequence[int], *, fractions: Sequence[float] = FRACTIONS, measure_kl: bool = True, run_dir: str | Path | None = None
+) -> list[Variant]:
+    """Plain, MRLA-L, MRLA-B and ELA at each pruned fraction for every depth, then the run's mask.
+
+    Args:
+        depths: backbone depths, e.g. ``(56, 110)`` (CIFAR) or ``(50,)`` (ImageNet).
+        fractions: pruned fractions of the fixed ELA masks.
+        measure_kl: add ``'ELA 0% +KL'``, which accumulates the KL scores every step.
+        run_dir: a training run folder; adds ``'ELA run'`` with its final mask (and its depth).
+    """
+    depths = list(dict.fromkeys(int(d) for d in depths))
+    run = run_mask(run_dir) if run_dir is not None else None
+    if run is not None:
+        if run[0] not in list_models() or not run[0].endswith("_ela"):
+            raise ValueError(f"the run trained {run[0]!r}, not an ELA model: its mask cannot be benchmarked")
+        if _depth(run[0]) not in depths:
+            depths.append(_depth(run[0]))
+    variants = []
+    for d in depths:
+        if f"resnet{d}" not in list_models():
+            raise ValueError(f"no ResNet-{d}: use depths of {', '.join(m for m in list_models() if '_' not in m)}")
+        variants += [Variant(f"resnet{d}", d, "plain"), Variant(f"resnet{d}_mrla_l", d, "MRLA-L"), Variant(f"resnet{d}_mrla_b", d, "MRLA-B")]
+        name = f"resnet{d}_ela"
+        ela = create_model(name)
+        for f in fractions:
+            variants.append(_ela_variant(ela, name, f"ELA {100 * f:g}%", spread_mask(ela, f)))
+        if measure_kl:
+            variants.append(_ela_variant(ela, name, "ELA 0% +KL", spread_mask(ela, 0.0), measure_kl=True))
+        if run is not None and run[0] == name:
+            variants.append(_ela_variant(ela, name, "ELA run", run[1] if run[1] is not None else spread_mask(ela, 0.0)))
+    return variants
+
+
+def peak_memory(step: Callable[[], Any], device: torch.device) -> int:
+    """Peak bytes of tensors allocated while ``step()`` runs, above those alive before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch._C._profiler import _EventType
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        stack.extend(e.children)
+        if e.tag == _EventType.Allocation:
+            events.append(e)
+    if not events:
+        return 0
+    events.sort(key=lambda e: e.start_time_ns)
+    # the allocator's running total may carry blocks from earlier sessions: measure from its start value
+    start = events[0].extra_fields.total_allocated - events[0].extra_fields.alloc_size
+    return max(e.extra_fields.total_allocated for e in events) - start
+
+
+class _Runner:
+    """A variant's model, optimiser and one training step on a fixed batch."""
+
+    def __init__(self, v: Variant, *, num_classes: int, drop_path: float, device: torch.device, seed: int) -> None:
+        torch.manual_seed(seed)
+        self.model = create_model(v.model, num_classes=num_classes, drop_path=drop_path).to(device).train()
+        if v.mask is not None:
+            set_mask(self.model, v.mask)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4)
+        self.schedule = PruningSchedule.preset("cifar") if v.measure_kl else None
+        self.device = device
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        if self.schedule is not None:
+            with record_attention(self.model) as rec:
+                loss = F.cross_entropy(self.model(x), y)
+            self.schedule.accumulate(rec)
+        else:
+            loss = F.cross_entropy(self.model(x), y)
+        loss.backward()
+        self.opt.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def run_benchmark(
+    variants: Sequence[Variant],
+    *,
+    batch_size: int = 64,
+    steps: int = 10,
+    warmup: int = 2,
+    device: str | torch.device = "cpu",
+    image_size: int | None = None,
+    drop_path: float = 0.2,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Time the training step of every variant, interleaved, and measure its memory and MACs.
+
+    Args:
+        variants: from :func:`make_variants`.
+        batch_size: images per step.
+        steps: timed rounds; every round runs each variant once, in a shuffled order.
+        warmup: untimed rounds first.
+        device: ``'cpu'`` or ``'cuda'``.
+        image_size: side of the square input (default: the family's, 32 for CIFAR, 224 for ImageNet).
+        drop_path: DropPath rate of the attention branch (the paper trains with 0.2).
+        seed: seeds the models, the batch and the round order.
+        log: called with a progress line after every round.
+
+    Returns:
+        The JSON-ready report: settings, machine, versions and one entry per variant.
+    """
+    if batch_size < 1 or steps < 1 or warmup < 0:
+        raise ValueError(f"need batch_size >= 1, steps >= 1, warmup >= 0, got {batch_size}, {steps}, {warmup}")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but CUDA is not available: use --device cpu")
+    families = {model_info(v.model)["family"] for v in variants}
+    runners, inputs = [], {}
+    for v in variants:
+        info = model_info(v.model)
+        size = (3, image_size, image_size) if image_size else info["input_size"]
+        if info["family"] not in inputs:
+            g = torch.Generator().manual_seed(seed)
+            x = torch.randn(batch_size, *size, generator=g)
+            y = torch.randint(0, info["num_classes"], (batch_size,), generator=g)
+            inputs[info["family"]] = (x.to(device), y.to(device), size)
+        runners.append(_Runner(v, num_classes=info["num_classes"], drop_path=drop_path, device=device, seed=seed))
+
+    times: list[list[float]] = [[] for _ in variants]
+    cpu_times: list[list[float]] = [[] for _ in variants]
+    order = list(range(len(variants)))
+    rng = random.Random(seed)
+    load = [os.getloadavg()[0]] if hasattr(os, "getloadavg") else []
+    start = time.perf_counter()
+    for r in range(warmup + steps):
+        rng.shuffle(order)
+        for i in order:
+            x, y, _ = inputs[model_info(variants[i].model)["family"]]
+            t, c = time.perf_counter(), time.process_time()
+            runners[i].step(x, y)
+            if r >= warmup:
+                times[i].append(time.perf_counter() - t)
+                cpu_times[i].append(time.process_time() - c)
+        if load:
+            load.append(os.getloadavg()[0])
+        if log is not None:
+            kind = "warm-up" if r < warmup else "timed"
+            log(f"round {r + 1}/{warmup + steps} ({kind}) done after {time.perf_counter() - start:.0f} s")
+
+    results = []
+    for v, runner, ts, cs in zip(variants, runners, times, cpu_times):
+        x, y, size = inputs[model_info(v.model)["family"]]
+        runner.opt.zero_grad(set_to_none=True)
+        memory = peak_memory(lambda: runner.step(x, y), device)
+        prof = profile(runner.model, size)
+        blocks = ela_blocks(runner.model)
+        results.append({
+            "model": v.model,
+            "depth": v.depth,
+            "variant": v.label,
+            "pruned_fraction": v.pruned_fraction,
+            "active_ela_blocks": sum(m.active for m in blocks) if v.mask is not None else None,
+            "measure_kl": v.measure_kl,
+            "median_step_s": statistics.median(ts),
+            "step_times_s": ts,
+            "median_cpu_s": statistics.median(cs),
+            "cpu_times_s": cs,
+            "peak_memory_bytes": int(memory),
+            "gmacs": prof.gmacs,
+            "mparams": prof.mparams,
+        })
+        if log is not None:
+            log(f"measured memory and MACs of {v.model} {v.label}")
+    return {
+        "schema": SCHEMA,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "settings": {
+            "batch_size": batch_size, "steps": steps, "warmup": warmup, "device": str(device),
+            "threads": torch.get_num_threads(), "image_size": image_size, "drop_path": drop_path, "seed": seed,
+            "families": sorted(families),
+            "optimizer": "SGD(lr=0.1, momentum=0.9, weight_decay=1e-4)",
+            "memory": MEMORY_NOTE,
+        },
+        "machine": {
+            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "loadavg_1min": load,
+        },
+        "versions": _versions(),
+        "results": results,
+    }
+
+
+def _versions() -> dict[str, str]:
+    import numpy
+
+    from . import __version__
+
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": numpy.__version__, "elanet": __version__}
+
+
+def _reference(results: list[dict], r: dict, label: str) -> dict | None:
+    return next((o for o in results if o["depth"] == r["depth"] and o["variant"] == label), None)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The results as a text table: median step, ratios to plain and MRLA-B, memory, GMACs."""
+    res = report["results"]
+    head = f"{'model':<16} {'variant':<11} {'pruned':>6} {'step ms':>8} {'xplain':>6} {'xMRLA-B':>7} {'+ms':>7} {'peak MB':>8} {'xMRLA-B':>7} {'GMACs':>7}"
+    lines = [head, "-" * len(head)]
+    for r in res:
+        plain, base = _reference(res, r, "plain"), _reference(res, r, "MRLA-B")
+        t = r["median_step_s"]
+        ratio = lambda ref, key: f"{r[key] / ref[key]:.2f}" if ref and ref[key] else "-"  # noqa: E731
+        over = f"{1e3 * (t - plain['median_step_s']):+.0f}" if plain else "-"
+        pruned = "-" if r["pruned_fraction"] is None else f"{100 * r['pruned_fraction']:.0f}%"
+        lines.append(
+            f"{r['model']:<16} {r['variant']:<11} {pruned:>6} {1e3 * t:>8.0f} {ratio(plain, 'median_step_s'):>6} "
+            f"{ratio(base, 'median_step_s'):>7} {over:>7} {r['peak_memory_bytes'] / 2**20:>8.0f} "
+            f"{ratio(base, 'peak_memory_bytes'):>7} {r['gmacs']:>7.4f}"
+        )
+    return "\n".join(lines)
+
+
+def save_json(report: dict[str, Any], path: str | Path) -> Path:
+    """Write the report as indented JSON (creating the folder) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    return path

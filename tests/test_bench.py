@@ -1,0 +1,102 @@
+"""The benchmark: masks, run-folder masks, memory accounting, and one tiny run of ``elanet bench``."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import elanet
+from elanet.bench import make_variants, peak_memory, run_mask, spread_mask
+from elanet.cli import main
+from elanet.pruning import ela_blocks
+
+
+# 33 prunable blocks; k = round(f * 33) of them at positions int((j + 0.5) * 33 / k), by hand
+@pytest.mark.parametrize("fraction, count, first", [(0.0, 0, []), (0.25, 8, [2, 6, 10, 14]), (0.5, 17, [0, 2, 4, 6]), (1.0, 33, [0, 1, 2, 3])])
+def test_spread_mask_prunes_evenly_and_never_a_stage_first_block(fraction, count, first):
+    model = elanet.create_model("resnet110_ela")  # 3 stages x 12 blocks
+    mask = spread_mask(model, fraction)
+    firsts = [b.first_in_stage for b in ela_blocks(model)]
+    candidates = [i for i, f in enumerate(firsts) if not f]
+    assert len(candidates) == 33 and all(on for on, f in zip(mask, firsts) if f)
+    off = [candidates.index(i) for i, on in enumerate(mask) if not on]  # positions among the prunable blocks
+    assert len(off) == count and off[:4] == first
+    gaps = [b - a for a, b in zip(off, off[1:])]
+    assert not gaps or max(gaps) - min(gaps) <= 1  # evenly spread
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        spread_mask(model, 1.5)
+
+
+def test_run_mask_reads_the_last_round(tmp_path):
+    model = elanet.create_model("resnet20_ela")
+    rounds = [{"round": 1, "mask": [True, False, True, True, True, True]}, {"round": 2, "mask": [True, False, True, False, True, True]}]
+    (tmp_path / "pruning.json").write_text(json.dumps({"model": "resnet20_ela", "rounds": rounds}))
+    assert run_mask(tmp_path) == ("resnet20_ela", rounds[1]["mask"])
+    run = [v for v in make_variants([56], run_dir=tmp_path) if v.label == "ELA run"]
+    assert [(v.model, v.depth, v.mask, v.pruned_fraction) for v in run] == [("resnet20_ela", 20, rounds[1]["mask"], pytest.approx(2 / 3))]  # 2 of the prunable 1, 3, 5
+    elanet.set_mask(model, run[0].mask)
+
+    (tmp_path / "pruning.json").write_text(json.dumps({"model": "resnet20_ela", "rounds": []}))
+    assert run_mask(tmp_path) == ("resnet20_ela", None)
+    (tmp_path / "pruning.json").write_text(json.dumps({"model": "resnet20_mrla_b", "rounds": []}))
+    with pytest.raises(ValueError, match="not an ELA model"):
+        make_variants([20], run_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="pruning.json"):
+        run_mask(tmp_path / "missing")
+
+
+def test_variants_per_depth():
+    variants = make_variants([20, 56], fractions=(0.0, 1.0))
+    labels = ["plain", "MRLA-L", "MRLA-B", "ELA 0%", "ELA 100%", "ELA 0% +KL"]
+    assert [v.label for v in variants] == labels * 2
+    assert [v.depth for v in variants] == [20] * 6 + [56] * 6
+    assert [v.pruned_fraction for v in variants[:6]] == [None, None, None, 0.0, 1.0, 0.0]
+    assert [v.measure_kl for v in variants[:6]] == [False] * 5 + [True]
+    with pytest.raises(ValueError, match="no ResNet-57"):
+        make_variants([57])
+
+
+def test_peak_memory_counts_what_a_step_allocates():
+    keep = []
+
+    def step():
+        a = torch.empty(1_000_000)  # 4 MB
+        b = torch.empty(500_000)  # +2 MB = 6 MB
+        del a  # 2 MB
+        keep.append(torch.empty(2_000_000))  # +8 MB = 10 MB at the peak
+        del b
+
+    assert peak_memory(step, torch.device("cpu")) == 10_000_000
+    keep.clear()  # freed outside the measurement: must not shift the next one
+    assert peak_memory(step, torch.device("cpu")) == 10_000_000
+
+
+def test_elanet_bench_tiny_run_writes_well_formed_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--depths", "20", "--batch-size", "2", "--steps", "2", "--warmup", "1", "--image-size", "16",
+            "--threads", "1", "--fractions", "0", "0.5", "1", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["schema"] == "elanet-bench/1" and report["command"].startswith("elanet bench --depths 20")
+    assert report["settings"]["batch_size"] == 2 and report["settings"]["threads"] == 1
+    assert set(report["versions"]) >= {"python", "torch", "elanet"}
+    res = report["results"]
+    assert [r["variant"] for r in res] == ["plain", "MRLA-L", "MRLA-B", "ELA 0%", "ELA 50%", "ELA 100%", "ELA 0% +KL"]
+    for r in res:
+        assert r["model"].startswith("resnet20") and r["depth"] == 20
+        assert len(r["step_times_s"]) == 2 and r["median_step_s"] == pytest.approx(sorted(r["step_times_s"])[0] / 2 + sorted(r["step_times_s"])[1] / 2)
+        assert r["peak_memory_bytes"] > 0 and r["gmacs"] > 0
+        assert r["variant"] in table
+    by = {r["variant"]: r for r in res}
+    assert by["ELA 0%"]["pruned_fraction"] == 0.0 and by["ELA 100%"]["pruned_fraction"] == 1.0 and by["plain"]["pruned_fraction"] is None
+    # pruning removes attention MACs and activation memory; MRLA-B and unpruned ELA are the same network
+    assert by["plain"]["gmacs"] < by["ELA 100%"]["gmacs"] < by["ELA 50%"]["gmacs"] < by["ELA 0%"]["gmacs"] == by["MRLA-B"]["gmacs"]
+    assert by["ELA 100%"]["peak_memory_bytes"] < by["ELA 0%"]["peak_memory_bytes"]
+    assert torch.get_num_threads() == 1  # the command restores the thread count
+
+
+def test_elanet_bench_rejects_bad_arguments(tmp_path, capsys):
+    assert main(["bench", "--depths", "20", "--steps", "0", "--threads", "1", "--out", str(tmp_path / "b.json")]) == 2
+    assert "steps >= 1" in capsys.readouterr().err
