@@ -32,8 +32,17 @@ class DropPath(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.p == 0.0 or not self.training:
             return x
+        return x * self._keep(x)
+
+    def add(self, x: Tensor, branch: Tensor) -> Tensor:
+        """``x + self(branch)`` as one fused multiply-add (no intermediate full-size tensor)."""
+        if self.p == 0.0 or not self.training:
+            return x + branch
+        return torch.addcmul(x, branch, self._keep(branch))
+
+    def _keep(self, x: Tensor) -> Tensor:
         keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
-        return x * keep.div_(1.0 - self.p)
+        return keep.div_(1.0 - self.p)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -56,8 +65,9 @@ class _QKV(nn.Module):
         self.scale = head_dim ** -0.5
 
     def query_key(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        b = x.shape[0]
-        y = x.mean((2, 3)).unsqueeze(1)  # [B, 1, C]: the channel sequence
+        b, _, h, w = x.shape
+        # the global average as a sum times 1/(H*W): its backward broadcasts instead of writing a full-size tensor
+        y = (x.sum((2, 3)) * (1.0 / (h * w))).unsqueeze(1)  # [B, 1, C]: the channel sequence
         q = self.conv_q(y).view(b, self.heads, self.head_dim)
         k = self.conv_k(y).view(b, self.heads, self.head_dim)
         return q, k
@@ -99,7 +109,7 @@ class MRLABase(_QKV):
         if self.recorder is not None:
             self.recorder.add(self.block_index, self.stage_index, attn)
         out = memory.retrieve(attn, self.conv_v(x))  # stores v_t, returns sum_s alpha_s v_s
-        return x + self.drop_path(F.relu(self.bn(out), inplace=True))
+        return self.drop_path.add(x, F.relu(self.bn(out), inplace=True))
 
     @property
     def active(self) -> bool:
@@ -143,8 +153,8 @@ class MRLALight(_QKV):
         q, k = self.query_key(x)
         gate = torch.sigmoid((q * k).sum(-1) * self.scale)  # [B, heads]
         gate = gate.repeat_interleave(self.head_dim, dim=1).view(b, c, 1, 1)
-        a = self.conv_v(x) * gate + self.lambda_t.view(1, c, 1, 1) * identity
-        return x + self.drop_path(self.bn(a))
+        a = torch.addcmul(self.conv_v(x) * gate, self.lambda_t.view(1, c, 1, 1), identity)
+        return self.drop_path.add(x, self.bn(a))
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, heads={self.heads}, k={self.kernel_size}"
