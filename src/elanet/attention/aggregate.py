@@ -36,9 +36,11 @@ class _Values:
         self.grad_task = -1  # the backward pass ``grad`` belongs to
 
     def store(self, value: Tensor) -> None:
-        if self.buf is None and self.capacity == 1:  # the stage's only value: keep it, copy nothing
-            self.shape, self.buf, self.len = value.shape, value.reshape(1, value.shape[0], -1), 1
+        if self.capacity == 1 and self.len == 0:  # the stage's only value: no later block reads it, keep nothing
+            self.shape, self.len = value.shape, 1
             return
+        if self.capacity is not None and self.len >= self.capacity:
+            raise ValueError(f"the memory holds at most {self.capacity} values (its capacity); pass capacity=None to let it grow")
         if self.buf is None:
             self.shape = value.shape
             self.buf = value.new_empty((max(self.capacity or 1, 1), value.shape[0], value[0].numel()))
@@ -64,7 +66,8 @@ class LayerMemory:
 
     Args:
         capacity: how many values the stage will store (its active blocks); the value buffer is
-            allocated once at that size. Without it the buffer starts small and doubles as needed.
+            allocated once at that size, and storing more raises ``ValueError``. Without it the
+            buffer starts small and doubles as needed.
     """
 
     __slots__ = ("keys", "_values", "_link")
@@ -81,7 +84,10 @@ class LayerMemory:
 
     @property
     def values(self) -> list[Tensor]:
-        """The stored values ``[B, C, H, W]``, oldest first (views of the stage's buffer)."""
+        """The stored values ``[B, C, H, W]``, oldest first (views of the stage's buffer).
+
+        Empty for a memory of capacity 1: the only value of a stage is read once and not kept.
+        """
         v = self._values
         return [v.buf[s].view(v.shape) for s in range(v.len)] if v.buf is not None else []
 
@@ -122,7 +128,7 @@ class _Retrieve(torch.autograd.Function):
         b, heads, n = weights.shape
         ctx.values, ctx.n = values, n
         ctx.save_for_backward(weights)
-        stacked = _per_head(values.buf, n, b * heads)
+        stacked = _per_head(values.buf if values.buf is not None else value.reshape(1, b, -1), n, b * heads)
         out = torch.bmm(weights.reshape(b * heads, 1, n).to(stacked.dtype), stacked)  # [B*heads, 1, d*H*W]
         return out.view(value.shape), link.new_empty(0)
 
