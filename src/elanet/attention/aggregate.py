@@ -4,7 +4,7 @@ The aggregation o_t = sum_s alpha_{t,s} v_s (paper eq. 5) is one batched matrix 
 A stage keeps the values of its active blocks in one buffer ``[layers, B, C*H*W]``; block t reads
 its t values through a strided view, so it copies nothing and its cost grows with the number of
 active layers it reads. Backward mirrors this: every block adds its share of the earlier values'
-gradients into a matching gradient buffer with one batched multiply-add, and a value receives its
+gradients into a matching gradient buffer with one broadcast multiply-add, and a value receives its
 complete gradient when the backward pass reaches its own block. Only the buffer and the attention
 weights are kept for backward, so the memory of a stage grows with its number of active layers.
 """
@@ -152,12 +152,14 @@ class _Retrieve(torch.autograd.Function):
             if values.grad is None or values.grad_task != task:  # the first retrieval of this backward pass
                 values.grad = g.new_empty((n, b * heads, g.shape[-1]))
                 values.grad_len, values.grad_task = 0, task
-            w = weights.reshape(b * heads, n, 1).to(g.dtype)
+            # slot s gets alpha_s * g: one broadcast multiply(-add) over all the slots read here
+            w = weights.reshape(b * heads, n).t().contiguous().unsqueeze(-1).to(g.dtype)  # [n, B*heads, 1]
+            g = g.view(1, b * heads, -1)
             k = min(values.grad_len, n)  # slots [0, k) hold the partial sums of later blocks
             if k:
-                _per_head(values.grad, k, b * heads).baddbmm_(w[:, :k], g)
+                values.grad[:k].addcmul_(w[:k], g)
             if n > k:
-                _per_head(values.grad, n, b * heads)[:, k:].baddbmm_(w[:, k:], g, beta=0)
+                torch.mul(w[k:], g, out=values.grad[k:n])
             # slot n-1 now has every contribution: later blocks ran first (see ``link``)
             grad_v = values.grad[n - 1].view(grad.shape) if ctx.needs_input_grad[1] else None
             values.grad_len = n - 1
@@ -186,8 +188,8 @@ class _Aggregate(torch.autograd.Function):
             grad_w = torch.bmm(g, _per_head(stacked, n, b * heads).transpose(1, 2)).view(b, heads, n).to(weights.dtype)
         grad_v = [None] * n
         if any(ctx.needs_input_grad[1:]):
-            gv = g.new_empty((n, b * heads, g.shape[-1]))
-            _per_head(gv, n, b * heads).baddbmm_(weights.reshape(b * heads, n, 1).to(g.dtype), g, beta=0)
+            w = weights.reshape(b * heads, n).t().contiguous().unsqueeze(-1).to(g.dtype)  # [n, B*heads, 1]
+            gv = w * g.view(1, b * heads, -1)  # [n, B*heads, d*H*W]
             grad_v = [gv[s].view(values[s].shape) for s in range(n)]
         return (grad_w, *grad_v)
 
