@@ -110,7 +110,11 @@ def _ela_variant(model: nn.Module, name: str, label: str, mask: list[bool], meas
 
 
 def make_variants(
-    depths: Sequence[int], *, fractions: Sequence[float] = FRACTIONS, measure_kl: bool = True, run_dir: str | Path | None = None
+    depths: Sequence[int],
+    *,
+    fractions: Sequence[float] = FRACTIONS,
+    measure_kl: bool = True,
+    run_dir: str | Path | None = None,
 ) -> list[Variant]:
     """Plain, MRLA-L, MRLA-B and ELA at each pruned fraction for every depth, then the run's mask.
 
@@ -131,7 +135,8 @@ def make_variants(
     for d in depths:
         if f"resnet{d}" not in list_models():
             raise ValueError(f"no ResNet-{d}: use depths of {', '.join(m for m in list_models() if '_' not in m)}")
-        variants += [Variant(f"resnet{d}", d, "plain"), Variant(f"resnet{d}_mrla_l", d, "MRLA-L"), Variant(f"resnet{d}_mrla_b", d, "MRLA-B")]
+        variants += [Variant(f"resnet{d}", d, "plain"), Variant(f"resnet{d}_mrla_l", d, "MRLA-L")]
+        variants.append(Variant(f"resnet{d}_mrla_b", d, "MRLA-B"))
         name = f"resnet{d}_ela"
         ela = create_model(name)
         for f in fractions:
@@ -202,7 +207,7 @@ def run_benchmark(
     *,
     batch_size: int = 64,
     steps: int = 10,
-    warmup: int = 2,
+    warmup: int = 1,
     device: str | torch.device = "cpu",
     image_size: int | None = None,
     drop_path: float = 0.2,
@@ -278,6 +283,7 @@ def run_benchmark(
             "active_ela_blocks": sum(m.active for m in blocks) if v.mask is not None else None,
             "measure_kl": v.measure_kl,
             "median_step_s": statistics.median(ts),
+            "min_step_s": min(ts),
             "step_times_s": ts,
             "median_cpu_s": statistics.median(cs),
             "cpu_times_s": cs,
@@ -299,7 +305,8 @@ def run_benchmark(
         },
         "machine": {
             "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "cpu_count": os.cpu_count(),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "loadavg_1min": load,
         },
         "versions": _versions(),
@@ -322,7 +329,8 @@ def _reference(results: list[dict], r: dict, label: str) -> dict | None:
 def format_table(report: dict[str, Any]) -> str:
     """The results as a text table: median step, ratios to plain and MRLA-B, memory, GMACs."""
     res = report["results"]
-    head = f"{'model':<16} {'variant':<11} {'pruned':>6} {'step ms':>8} {'xplain':>6} {'xMRLA-B':>7} {'+ms':>7} {'peak MB':>8} {'xMRLA-B':>7} {'GMACs':>7}"
+    head = (f"{'model':<16} {'variant':<11} {'pruned':>6} {'step ms':>8} {'xplain':>6} {'xMRLA-B':>7} {'+ms':>7} "
+            f"{'peak MB':>8} {'xMRLA-B':>7} {'GMACs':>7}")
     lines = [head, "-" * len(head)]
     for r in res:
         plain, base = _reference(res, r, "plain"), _reference(res, r, "MRLA-B")

@@ -18,17 +18,20 @@ from ..bench import FRACTIONS, format_table, make_variants, run_benchmark, save_
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--depths", type=int, nargs="+", default=[56, 110], help="ResNet depths: 20/56/110 (CIFAR, 32x32) or 50/101 (ImageNet, 224x224)")
+    p.add_argument("--depths", type=int, nargs="+", default=[56, 110],
+                   help="ResNet depths: 20/56/110 (CIFAR, 32x32) or 50/101 (ImageNet, 224x224)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=10, help="timed rounds (each runs every variant once)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--image-size", type=int, default=None, help="input side (default 32 on CIFAR, 224 on ImageNet)")
     p.add_argument("--drop-path", type=float, default=0.2, help="DropPath rate of the attention branch")
-    p.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS), help="pruned fractions of the fixed ELA masks")
+    p.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS),
+                   help="pruned fractions of the fixed, evenly spread ELA masks")
     p.add_argument("--no-kl", action="store_true", help="leave out 'ELA 0%% +KL' (KL scores accumulated every step)")
-    p.add_argument("--run", default=None, help="training run folder: adds 'ELA run' with the final mask of its pruning.json")
+    p.add_argument("--run", default=None,
+                   help="training run folder: adds 'ELA run' with the final mask of its pruning.json")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench.json", help="JSON file for the results")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
