@@ -204,7 +204,7 @@ def test_draw_pruning_writes_picture_of_layout_size(tmp_path):
 
 def _bench_records():
     base = {"": ("ResNet", 1.0), "_mrla_l": ("MRLA-L", 1.6), "_mrla_b": ("MRLA-B", 2.0), "_ela": ("ELA", 1.4)}
-    return [{"model": f"resnet{d}{v}", "depth": d, "variant": lab, "median_s": k * d / 1e3}
+    return [{"model": f"resnet{d}{v}", "depth": d, "variant": lab, "median_step_s": k * d / 1e3}
             for d in (20, 56, 110) for v, (lab, k) in base.items()]
 
 
@@ -214,9 +214,9 @@ def test_read_bench_and_draw_speed(tmp_path):
     (tmp_path / "b.json").write_text(json.dumps({"device": "cpu", "records": recs}))
     assert read_bench(tmp_path / "a.json") == read_bench(tmp_path / "b.json") == recs
     bad = [dict(r) for r in recs]
-    del bad[3]["median_s"]
+    del bad[3]["median_step_s"]
     (tmp_path / "bad.json").write_text(json.dumps(bad))
-    with pytest.raises(ValueError, match="record 3 lacks median_s"):
+    with pytest.raises(ValueError, match="record 3 lacks median_step_s"):
         read_bench(tmp_path / "bad.json")
     cuda = [{**r, "device": "cuda"} for r in recs]
     path = draw_speed(recs + cuda, tmp_path)
@@ -291,7 +291,7 @@ def test_cli_speed_and_errors(tmp_path, capsys):
     (tmp_path / "bad.json").write_text(json.dumps([{"model": "resnet20", "depth": 20}]))
     assert main(["viz", "speed", str(tmp_path / "bad.json")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and re.search(r"lacks variant, median_s", err)
+    assert err.count("\n") == 0 and re.search(r"lacks variant, median_step_s", err)
     assert main(["viz", "pruning", str(tmp_path)]) == 2
     assert "pruning.json does not exist" in capsys.readouterr().err
     assert main(["viz", "scorecam", str(tmp_path / "none.pt")]) == 2

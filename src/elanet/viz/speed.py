@@ -13,14 +13,14 @@ from .figure import check_format, new_figure, save_figure
 
 __all__ = ["REQUIRED", "read_bench", "check_records", "speed_figsize", "plot_speed", "draw_speed"]
 
-REQUIRED = ("model", "depth", "variant", "median_s")
+REQUIRED = ("model", "depth", "variant", "median_step_s")
 PANEL_KEYS = ("dataset", "device")  # records differing in these go to separate panels
 
 
 def read_bench(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The records of a benchmark JSON: a list, or an object holding it under ``records`` / ``results``.
 
-    Each record needs ``model``, ``depth`` (int), ``variant`` (label) and ``median_s`` (median
+    Each record needs ``model``, ``depth`` (int), ``variant`` (label) and ``median_step_s`` (median
     seconds per training step); an optional ``epoch_s`` (seconds per epoch) is plotted instead when
     every record has it.
 
@@ -40,7 +40,7 @@ def read_bench(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def check_records(records: Any, *, source: str = "benchmark") -> list[dict[str, Any]]:
-    """Copies of the records with ``depth`` as int and ``median_s`` as float, or ``ValueError``."""
+    """Copies of the records with ``depth`` as int and ``median_step_s`` as float, or ``ValueError``."""
     records = list(records) if isinstance(records, (list, tuple)) else records
     if not isinstance(records, list) or not records:
         raise ValueError(f"{source} holds no benchmark records: expected a list of records with keys {', '.join(REQUIRED)}")
@@ -50,9 +50,9 @@ def check_records(records: Any, *, source: str = "benchmark") -> list[dict[str, 
             raise ValueError(f"{source}: record {i} lacks {', '.join(missing)} (each record needs {', '.join(REQUIRED)})")
         records[i] = r = dict(r)
         try:
-            r["depth"], r["median_s"] = int(r["depth"]), float(r["median_s"])
+            r["depth"], r["median_step_s"] = int(r["depth"]), float(r["median_step_s"])
         except (TypeError, ValueError):
-            raise ValueError(f"{source}: record {i} has depth {r['depth']!r} and median_s {r['median_s']!r}: "
+            raise ValueError(f"{source}: record {i} has depth {r['depth']!r} and median_step_s {r['median_step_s']!r}: "
                              "need an integer and a number of seconds") from None
     return records
 
@@ -77,7 +77,7 @@ def _canon(label: str) -> str:
 def _draw_panel(ax, records: list[dict[str, Any]], key: str, per_epoch: bool) -> bool:
     series: dict[str, dict[int, list[float]]] = {}
     for r in records:
-        t = float(r["epoch_s"]) if per_epoch else 1000.0 * r["median_s"]
+        t = float(r["epoch_s"]) if per_epoch else 1000.0 * r["median_step_s"]
         series.setdefault(str(r["variant"]), {}).setdefault(r["depth"], []).append(t)
     means = {v: {d: float(np.mean(ts)) for d, ts in sorted(pts.items())} for v, pts in series.items()}
     for v, pts in means.items():
