@@ -1,6 +1,6 @@
-"""Check a bench JSON against the speed targets of the benchmark issue, and print them as a Markdown table.
+"""The Markdown tables of RESULTS.md from a bench JSON: the results, the speed targets, MRLA-B's growth.
 
-    python benchmarks/targets.py benchmarks/results.json
+    python benchmarks/report.py benchmarks/results.json
 
 overhead(v) = step(v) - step(plain) at the same depth. Targets, per depth:
   1. ELA with a fraction f of its prunable blocks pruned: overhead <= (1 - f) * overhead(MRLA-B) + 5 % of plain
@@ -21,6 +21,21 @@ rows = []
 
 def get(depth, label):
     return next((r for r in results if r["depth"] == depth and r["variant"] == label), None)
+
+
+print("| model | variant | pruned | median step ms | fastest ms | x plain | x MRLA-B | overhead ms | peak MB | x MRLA-B | GMACs |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
+for r in results:
+    plain, base = get(r["depth"], "plain"), get(r["depth"], "MRLA-B")
+    t, mem = r["median_step_s"], r["peak_memory_bytes"]
+    pruned = "-" if r["pruned_fraction"] is None else f"{100 * r['pruned_fraction']:.0f} %"
+    vs_plain = f"{t / plain['median_step_s']:.2f} | " if plain else "- | "
+    vs_base = f"{t / base['median_step_s']:.2f} | " if base else "- | "
+    over = f"{1e3 * (t - plain['median_step_s']):+.0f} | " if plain else "- | "
+    mem_base = f"{mem / base['peak_memory_bytes']:.2f} | " if base else "- | "
+    print(f"| {r['model']} | {r['variant']} | {pruned} | {1e3 * t:.0f} | {1e3 * r['min_step_s']:.0f} | {vs_plain}{vs_base}{over}"
+          f"{mem / 2**20:.0f} | {mem_base}{r['gmacs']:.4f} |")
+print()
 
 
 for stat, pick in (("median", lambda r: r["median_step_s"]), ("fastest", lambda r: min(r["step_times_s"]))):

@@ -159,6 +159,7 @@ def peak_memory(step: Callable[[], Any], device: torch.device) -> int:
         return torch.cuda.max_memory_allocated(device) - before
     from torch._C._profiler import _EventType
 
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # the profiler's start/stop and no-GPU lines are noise here
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
