@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -127,7 +128,7 @@ class _StopFlag:
         self._previous = None
 
     def __enter__(self) -> "_StopFlag":
-        if threading_main():
+        if threading.current_thread() is threading.main_thread():  # signals only reach the main thread
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
@@ -140,12 +141,6 @@ class _StopFlag:
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
-
-
-def threading_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def train(
