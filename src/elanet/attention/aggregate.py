@@ -168,37 +168,11 @@ class _Retrieve(torch.autograd.Function):
         return grad_w, grad_v, None, None
 
 
-class _Aggregate(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, weights: Tensor, *values: Tensor) -> Tensor:  # type: ignore[override]
-        b, heads, n = weights.shape
-        stacked = torch.stack([v.reshape(b, -1) for v in values])  # [n, B, C*H*W]
-        out = torch.bmm(weights.reshape(b * heads, 1, n).to(stacked.dtype), _per_head(stacked, n, b * heads))
-        ctx.save_for_backward(weights, *values)
-        return out.view(values[-1].shape)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        weights, *values = ctx.saved_tensors
-        b, heads, n = weights.shape
-        g = grad.reshape(b * heads, 1, -1)
-        grad_w = None
-        if ctx.needs_input_grad[0]:
-            stacked = torch.stack([v.reshape(b, -1) for v in values])
-            grad_w = torch.bmm(g, _per_head(stacked, n, b * heads).transpose(1, 2)).view(b, heads, n).to(weights.dtype)
-        grad_v = [None] * n
-        if any(ctx.needs_input_grad[1:]):
-            w = weights.reshape(b * heads, n).t().contiguous().unsqueeze(-1).to(g.dtype)  # [n, B*heads, 1]
-            gv = w * g.view(1, b * heads, -1)  # [n, B*heads, d*H*W]
-            grad_v = [gv[s].view(values[s].shape) for s in range(n)]
-        return (grad_w, *grad_v)
-
-
 def aggregate(weights: Tensor, values: list[Tensor]) -> Tensor:
     """Attention-weighted sum of a list of values, per head (paper eq. 5).
 
     Models use :meth:`LayerMemory.retrieve`, which keeps a stage's values in one buffer; this
-    function is the same sum for values held anywhere.
+    function is the same sum for values held anywhere, in plain differentiable ops (a reference).
 
     Args:
         weights: attention distribution ``[B, heads, n]`` over the ``n`` layers in ``values``.
@@ -209,4 +183,7 @@ def aggregate(weights: Tensor, values: list[Tensor]) -> Tensor:
     """
     if weights.shape[-1] != len(values):
         raise ValueError(f"got {weights.shape[-1]} attention weights for {len(values)} values")
-    return _Aggregate.apply(weights, *values)
+    b, heads, n = weights.shape
+    stacked = _per_head(torch.stack([v.reshape(b, -1) for v in values]), n, b * heads)  # [B*heads, n, d*H*W]
+    out = torch.bmm(weights.reshape(b * heads, 1, n).to(stacked.dtype), stacked)
+    return out.view(values[-1].shape)

@@ -5,7 +5,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
-import torch
 from torch import Tensor, nn
 
 __all__ = ["AttentionRecord", "record_attention"]

@@ -4,11 +4,10 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
 from ..data import DATASETS, build_data
-from ..pruning import get_mask
+from ..pruning import ela_blocks, get_mask
 from ..training.checkpoint import load_checkpoint, model_from_checkpoint
+from ..training.distributed import resolve_device
 from ..training.trainer import evaluate
 
 
@@ -24,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(args.checkpoint)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     cfg = ckpt["config"]
     dataset = args.dataset or cfg["dataset"]
     data = build_data(dataset, data_dir=args.data_dir or cfg.get("data_dir"), batch_size=args.batch_size,
@@ -35,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
                          f"{ckpt['num_classes']} / {ckpt['in_chans']}: evaluate on the dataset it was trained on")
     model = model_from_checkpoint(ckpt, device=device)
     res = evaluate(model, data.test, amp=args.amp)
-    mask = get_mask(model) if any(getattr(m, "prunable", False) for m in model.modules()) else []
+    mask = get_mask(model) if ela_blocks(model) else []
     res.update(model=ckpt["model_name"], dataset=dataset, epoch=ckpt["epoch"], active=sum(mask), ela_blocks=len(mask))
     if args.json:
         print(json.dumps(res))

@@ -5,8 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
+from ..training.distributed import resolve_device
 from ..viz import figure
 
 
@@ -46,17 +45,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _common(b)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _load(args: argparse.Namespace):
     from ..training.checkpoint import load_checkpoint, model_from_checkpoint
 
     ckpt = load_checkpoint(args.checkpoint, prefer=args.prefer)
-    model = model_from_checkpoint(ckpt, device=_device(args.device))
+    model = model_from_checkpoint(ckpt, device=resolve_device(args.device))
     src = Path(args.checkpoint)
     return ckpt, model, args.out or (src if src.is_dir() else src.parent)
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor
 
 __all__ = ["adjacent_kl"]

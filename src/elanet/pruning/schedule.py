@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ..attention import AttentionRecord
 from .ebqm import MAPPINGS, check_ebqm_args, map_scores
 from .kl import adjacent_kl
-from .mask import ela_blocks, get_mask, set_mask
+from .mask import get_mask, set_mask
 
 __all__ = ["PruningSchedule", "PRESETS", "format_round"]
 

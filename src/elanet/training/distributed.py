@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["DistInfo", "setup_distributed", "all_reduce_sum", "cleanup_distributed"]
+__all__ = ["DistInfo", "resolve_device", "setup_distributed", "all_reduce_sum", "cleanup_distributed"]
 
 
 @dataclass(frozen=True)
@@ -26,19 +26,24 @@ class DistInfo:
         return self.rank == 0
 
 
+def resolve_device(name: str) -> torch.device:
+    """``'auto'`` (CUDA when visible, else CPU), ``'cpu'``, ``'cuda'`` or ``'cuda:N'``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name} requested but no CUDA GPU is visible: use --device cpu")
+    return dev
+
+
 def setup_distributed(device: str) -> tuple[DistInfo, torch.device]:
     """Initialise the process group when launched by torchrun (WORLD_SIZE > 1) and pick the device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError("device cuda requested but no CUDA GPU is visible: use --device cpu")
-        dev = torch.device("cuda", local if world > 1 else (torch.device(device).index or 0))
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local if world > 1 else (dev.index or 0))
         torch.cuda.set_device(dev)
-    else:
-        dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return DistInfo(rank, world, local), dev

@@ -280,14 +280,17 @@ def _train(cfg, info: DistInfo, device: torch.device, resume, on_step, log) -> d
                 scaler.update()
                 if measuring:
                     schedule.accumulate(rec)
-                sums += torch.stack([loss.detach() * len(y), (out.argmax(1) == y).sum(), torch.tensor(len(y), device=device)]).double()
+                sums[0] += loss.detach() * len(y)
+                sums[1] += (out.argmax(1) == y).sum()
+                sums[2] += len(y)
                 bar.update()
                 if interactive and step % 10 == 0:
                     bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.4g}")
                 if on_step is not None:
                     on_step(epoch, step + 1)
-                flag = torch.tensor([float(stop.requested)], device=device)
-                if (all_reduce_sum(flag).item() > 0) if info.enabled else stop.requested:
+                if info.enabled:  # every rank must stop at the same step
+                    stop.requested = all_reduce_sum(torch.tensor([float(stop.requested)], device=device)).item() > 0
+                if stop.requested:
                     bar.close()
                     if info.main:
                         save_checkpoint(run / "last.pt", checkpoint(epoch - 1, step + 1, sums))
