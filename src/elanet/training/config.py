@@ -46,7 +46,7 @@ class TrainConfig:
     strategy: str = "quantile"
     mapping: str = "beta"
     threshold: float = 0.0
-    fixed_count: int = 1
+    fixed_count: int | list[int] = 1  # per round, or one count per window
     # runtime
     seed: int = 0
     device: str = "auto"
@@ -84,6 +84,10 @@ class TrainConfig:
             raise ValueError(f"unknown mapping {self.mapping!r}: use one of {', '.join(MAPPINGS)}")
         if self.strategy not in ("quantile", "threshold", "fixed"):
             raise ValueError(f"unknown strategy {self.strategy!r}: use quantile, threshold or fixed")
+        counts = [self.fixed_count] if isinstance(self.fixed_count, int) else self.fixed_count
+        if not isinstance(counts, list) or any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in counts) \
+                or (isinstance(self.fixed_count, list) and len(counts) != len(self.windows)):
+            raise ValueError(f"fixed_count must be an integer >= 0, or a list of them with one per window, got {self.fixed_count!r}")
         last = 0
         for w in self.windows:
             if len(w) != 2 or not (1 <= w[0] <= w[1]) or w[0] <= last:
