@@ -37,6 +37,22 @@ __all__ = ["run_study", "check_out_dir", "cell_state"]
 STUDY_JSON = "study.json"
 
 
+def _same(saved: dict, now: dict) -> str | None:
+    """The first cell whose results-changing settings differ, or None. Settings only one side knows
+    (added by a newer elanet) are not compared, so an upgrade does not orphan a study."""
+    old, new = saved.get("cells", {}), now["cells"]
+    if saved.get("name") != now["name"]:
+        return f"name {saved.get('name')!r}"
+    for name in sorted(set(old) ^ set(new)):
+        return f"cell {name}"
+    for name, cfg in new.items():
+        prev = old[name]
+        for key in sorted(set(cfg) & set(prev)):
+            if cfg[key] != prev[key]:
+                return f"cell {name}, {key} {prev[key]!r} -> {cfg[key]!r}"
+    return None
+
+
 def check_out_dir(study: Study, out: Path) -> None:
     """Refuse an ``out`` folder that holds anything but this same study (nothing is written here)."""
     marker = out / STUDY_JSON
@@ -45,10 +61,9 @@ def check_out_dir(study: Study, out: Path) -> None:
             saved = json.loads(marker.read_text())["identity"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise ValueError(f"{marker} is not a study record: choose another --out") from None
-        if saved != json.loads(json.dumps(study.identity())):
-            old, new = saved.get("cells", {}), study.identity()["cells"]
-            diff = sorted(set(old) ^ set(new)) or sorted(k for k in new if old.get(k) != new[k])
-            raise ValueError(f"{out} holds a different study ({saved.get('name')!r}; first difference: cell {diff[0]}): "
+        diff = _same(saved, json.loads(json.dumps(study.identity())))
+        if diff is not None:
+            raise ValueError(f"{out} holds a different study ({saved.get('name')!r}; first difference: {diff}): "
                              "choose another --out, or run the same study file with the same flags to continue it")
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists and is not a study folder: choose another --out (an empty or new folder)")

@@ -190,7 +190,9 @@ def load_study(
     settings = {**_mapping(path, "settings", raw.get("settings")),
                 **_mapping(path, f"datasets.{dataset}.settings", profile.get("settings"))}
     _check_settings(path, "settings", settings)
-    axes_raw = {**_mapping(path, "axes", raw.get("axes")), **_mapping(path, f"datasets.{dataset}.axes", profile.get("axes"))}
+    # the dataset's axes first (e.g. the model: tables group by depth), then the file's own
+    own, per_dataset = _mapping(path, "axes", raw.get("axes")), _mapping(path, f"datasets.{dataset}.axes", profile.get("axes"))
+    axes_raw = {**per_dataset, **{k: v for k, v in own.items() if k not in per_dataset}}
     axes = {name: _axis_values(path, str(name), values) for name, values in axes_raw.items()}
     seeds = _seeds(path, raw.get("seeds", [0]))
     clash = sorted(k for k in flags if k in axes or any(k in g for vals in axes.values() for _, g in vals))
