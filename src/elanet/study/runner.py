@@ -1,15 +1,16 @@
-"""Running a study: every cell is an ordinary ``elanet train`` run in ``DIR/runs/<cell>``, in a subprocess.
+"""Running a study: every cell is an ordinary ``elanet train`` run in ``DIR/runs/<cell>``, in its own process.
 
-A subprocess per cell keeps a crash, a divergence or a kill inside one run, and makes resuming the
+A process per cell keeps a crash, a divergence or a kill inside one run, and makes resuming the
 trainer's own job: a cell with a finished ``summary.json`` is skipped, one with a ``last.pt`` is
 continued with ``elanet train --resume`` (same mask, schedule position and random state, so it ends
-as an uninterrupted run would), and anything else starts afresh. ``--jobs N`` runs N cells at once
-and gives each ``threads // N`` CPU threads.
+as an uninterrupted run would), and anything else starts afresh. Cells are forked from the study
+process (torch is imported once), or started as ``python -m elanet train`` where fork is not
+available. ``--jobs N`` runs N cells at once and gives each ``threads // N`` CPU threads.
 
-Signals: Ctrl-C in a terminal reaches the study and its runs (one process group); each run saves a
-resumable checkpoint and exits, and the study waits for them. A SIGTERM to the study alone is passed
-on to its runs as SIGINT. If the study itself is killed, Linux delivers SIGINT to its runs
-(``PR_SET_PDEATHSIG``), so they still stop with a checkpoint.
+Signals: each cell runs in its own process group. Ctrl-C or SIGTERM to the study is passed on to the
+running cells as one SIGINT, so each saves a resumable checkpoint and exits; a second Ctrl-C aborts
+them. If the study itself is killed, Linux delivers SIGINT to its cells (``PR_SET_PDEATHSIG``), so
+they still stop with a checkpoint.
 """
 from __future__ import annotations
 
@@ -25,6 +26,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+try:
+    import fcntl
+except ImportError:  # Windows: no run-folder locks to wait for
+    fcntl = None
 
 import elanet
 
@@ -81,6 +87,21 @@ def cell_state(run: Path) -> str:
     return "resume" if (run / "last.pt").is_file() else "new"
 
 
+def _busy(run: Path) -> bool:
+    """Whether a process (e.g. a cell of a study killed a moment ago, still saving) holds the run's lock."""
+    lock = run / ".lock"
+    if fcntl is None or not lock.is_file():
+        return False
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the probe's own lock
+
+
 def _die_with_parent() -> None:
     """In the child: get SIGINT (save and stop) when the study process dies (Linux only)."""
     try:
@@ -91,6 +112,7 @@ def _die_with_parent() -> None:
 
 def _train_in_child(argv: list[str], log_path: str, threads: int) -> None:
     """Body of a forked cell process: ``elanet train ARGV`` with output to the cell's log, then exit."""
+    os.setpgrp()  # a terminal's Ctrl-C reaches the study only; it passes each one on, once
     for sig in (signal.SIGINT, signal.SIGTERM):  # not the study's handlers: the trainer's own (it saves on SIGINT)
         signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
     _die_with_parent()
@@ -129,7 +151,8 @@ class _Proc:
                                                                os.environ.get("PYTHONPATH")]))}
             self._log = open(log_path, "a")
             self._p = subprocess.Popen([sys.executable, "-m", "elanet", "train", *argv], stdout=self._log,
-                                       stderr=subprocess.STDOUT, env=env)
+                                       stderr=subprocess.STDOUT, env=env,
+                                       creationflags=getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0))
             self.pid = self._p.pid
 
     def poll(self) -> int | None:
@@ -214,19 +237,14 @@ def run_study(
     log(f"study {study.name}: {len(cells)} cells ({' x '.join(study.axes + ['seed'])}) on {study.dataset} | "
         f"{len(done)} done, {len(pending)} to run | {jobs} at once, {per_job} thread(s) each | {out}")
 
-    def on_term(signum, frame) -> None:
+    def on_signal(signum, frame) -> None:  # Ctrl-C or SIGTERM: each running cell saves a checkpoint and stops
+        if not stop["requested"]:
+            log("study: stopping; the running cells save a resumable checkpoint (Ctrl-C again aborts them)")
         stop["requested"] = True
         for job in running.values():
-            if job.proc.poll() is None:
-                job.proc.send_signal(signal.SIGINT)
+            job.proc.send_signal(signal.SIGINT)
 
-    def on_int(signum, frame) -> None:  # the runs got the same Ctrl-C from the terminal
-        if stop["requested"]:
-            on_term(signum, frame)
-        stop["requested"] = True
-        log("study: stopping after the running cells save a checkpoint (they got the Ctrl-C too)")
-
-    previous = {s: signal.signal(s, h) for s, h in ((signal.SIGTERM, on_term), (signal.SIGINT, on_int))}
+    previous = {s: signal.signal(s, h) for s, h in ((signal.SIGTERM, on_signal), (signal.SIGINT, on_signal))}
     last_progress = 0.0
 
     def progress(force: bool = False) -> None:
@@ -244,8 +262,8 @@ def run_study(
     try:
         while (pending and not stop["requested"]) or running:
             while pending and len(running) < jobs and not stop["requested"]:
-                ready = [n for n in pending if cells[n].match is None or cells[n].match in done
-                         or cells[n].match in failed]
+                ready = [n for n in pending if (cells[n].match is None or cells[n].match in done
+                                                or cells[n].match in failed) and not _busy(out / "runs" / n)]
                 if not ready:
                     break
                 name = ready[0]
