@@ -55,7 +55,7 @@ def mask_stability(masks: Sequence[Sequence[bool]]) -> tuple[float, np.ndarray]:
 
 
 def run_rows(study: Study, out: Path) -> list[dict[str, Any]]:
-    """One row per cell: its axis values, seed and outcome (status ``done``, ``running`` or ``pending``)."""
+    """One row per cell: its axis values, seed and outcome (status ``done``, ``incomplete`` or ``pending``)."""
     rows = []
     for cell in study.cells:
         run = out / "runs" / cell.name
@@ -63,7 +63,7 @@ def run_rows(study: Study, out: Path) -> list[dict[str, Any]]:
         s, metrics = r["summary"], r["metrics"]
         row: dict[str, Any] = {"cell": cell.name, **cell.labels, "seed": cell.seed, "run_dir": f"runs/{cell.name}"}
         if s is None or s.get("interrupted"):
-            row["status"] = "running" if metrics else "pending"
+            row["status"] = "incomplete" if metrics else "pending"
         else:
             mask = [bool(m) for m in s.get("mask") or []]
             epoch_s = [float(m["epoch_s"]) for m in metrics]

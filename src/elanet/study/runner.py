@@ -272,7 +272,11 @@ def run_study(
                 if cell.match in failed:
                     failed[name] = f"its match {cell.match} failed"
                     continue
-                running[name] = _start(cell, out, per_job, cells)
+                try:
+                    running[name] = _start(cell, out, per_job)
+                except (ValueError, OSError) as e:  # e.g. a matched run whose counts do not fit this cell
+                    failed[name] = str(e)
+                    log(f"  FAILED {name}: {e}")
                 progress(force=True)
             for name, job in list(running.items()):
                 rc = job.proc.poll()
@@ -311,7 +315,8 @@ def run_study(
     return 0
 
 
-def _start(cell: Cell, out: Path, threads: int, cells: dict[str, Cell]) -> _Job:
+def _start(cell: Cell, out: Path, threads: int) -> _Job:
+    """Start (or continue) one cell; a matched fixed-count cell gets its partner's per-round counts here."""
     run = out / "runs" / cell.name
     state = cell_state(run)
     cmd = []
