@@ -87,6 +87,8 @@ def test_bundled_studies_expand_to_the_papers_grids():
     ("axes: {mapping: [beta, cubic]}", "cell mapping=cubic,seed=0: unknown mapping 'cubic'"),
     ("axes: {tau: [0.3, 1.5]}", "cell tau=1.5,seed=0: tau (the pruning threshold on mapped values) must be in [0, 1]"),
     ("axes: {model: [resnet20_ela, resnet21_ela]}", "unknown model 'resnet21_ela'"),
+    ("axes: {epochs: [30, 30.5]}", "cell epochs=30.5,seed=0: epochs must be a whole number"),
+    ("axes: {epochs: [3]}", "cell epochs=3,seed=0: pruning window ending at epoch 11 is beyond the last epoch (3)"),
     ("axes: {m: {a: {colour: red}}}", "unknown setting 'colour' in 'axes.m.a'"),
     ("axis: {mapping: [beta]}", "unknown key 'axis'"),
     ("axes: {seed: [1, 2]}", "unknown axis 'seed'"),
