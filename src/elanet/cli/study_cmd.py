@@ -8,7 +8,7 @@ from ..training.config import TrainConfig
 from . import train_cmd
 
 
-STUDY_OWN = ("--out", "--resume", "--threads")  # train flags that mean something else for a study
+STUDY_OWN = ("--out", "--resume", "--threads", "--seed")  # train flags that mean something else for a study (seeds: the file)
 
 
 class _TrainFlags:
