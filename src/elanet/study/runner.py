@@ -260,7 +260,7 @@ def run_study(
             + (f", {len(failed)} failed" if failed else "") + f" | {_fmt_s(time.time() - t0)} elapsed, ETA {eta}")
 
     try:
-        while (pending and not stop["requested"]) or running:
+        while running or (pending and not stop["requested"]):
             while pending and len(running) < jobs and not stop["requested"]:
                 ready = [n for n in pending if (cells[n].match is None or cells[n].match in done
                                                 or cells[n].match in failed) and not _busy(out / "runs" / n)]
@@ -293,11 +293,11 @@ def run_study(
                     failed[name] = f"exit status {rc}, see {out / 'logs' / (name + '.log')}"
                     log(f"  FAILED {name}: {failed[name]}")
                 progress(force=True)
-            if not (stop["requested"] and not running) and (running or pending):
-                if not running and pending and not any(cells[n].match is None or cells[n].match in done | set(failed) for n in pending):
-                    break  # only cells waiting for a match that will never finish
-                time.sleep(poll_s)
-                progress()
+            startable = any(cells[n].match is None or cells[n].match in done | set(failed) for n in pending)
+            if not running and (stop["requested"] or not startable):
+                break  # stopped, finished, or only cells whose match can never finish are left
+            time.sleep(poll_s)
+            progress()
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
@@ -308,7 +308,7 @@ def run_study(
     if failed or len(done) < len(cells):
         for name, why in failed.items():
             log(f"  failed: {name} ({why})")
-        log(f"study {study.name}: {len(done)}/{len(cells)} cells done, {len(failed)} failed; fix the cause and run the "
+        log(f"study {study.name}: {len(done)}/{len(cells)} cells done, {len(failed)} failed, {len(pending)} not started; fix the cause and run the "
             "same command again (finished cells are kept)")
         return 1
     log(f"study {study.name}: all {len(cells)} cells done | {out / 'study.md'}")
