@@ -216,3 +216,27 @@ def test_baselines_train_save_and_reload(name, tmp_path):
         torch.testing.assert_close(again(x), model(x))
     prof = elanet.profile(model, (3, size, size))
     assert prof.params == elanet.count_params(model) and prof.macs > 0
+
+
+def test_baseline_trains_under_ddp(tmp_path):
+    """Two DDP processes train DLA-L (stage-owned shared parameters) and keep identical replicas."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "tests"))
+    from test_train import tiny_cfg, write_cifar10
+
+    data = write_cifar10(tmp_path / "data", n_train=64, n_test=16)
+    cfg = tiny_cfg(data, tmp_path / "ddp", model="resnet20_dla_l", epochs=1, windows=[], milestones=[]).to_dict()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
+           str(root / "tests" / "ddp_worker.py"), json.dumps(cfg), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert any("context.w_ih" in k for k in r0["weights"])
+    for k in r0["weights"]:
+        assert r0["weights"][k] == pytest.approx(r1["weights"][k], rel=1e-6, abs=1e-6), k
