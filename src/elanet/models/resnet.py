@@ -143,7 +143,7 @@ class Stage(nn.Module):
     def __iter__(self) -> Iterator[nn.Module]:
         return (self._modules[str(i)] for i in range(self.num_blocks))
 
-    def __getitem__(self, i: int) -> nn.Module:
+    def __getitem__(self, i: int | slice) -> nn.Module | list[nn.Module]:
         return list(self)[i]
 
     def run(self, x: Tensor, carry: Any = None) -> tuple[Tensor, Any]:
