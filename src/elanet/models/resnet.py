@@ -1,4 +1,4 @@
-"""Bottleneck ResNets for CIFAR and ImageNet with optional layer attention after every block (SPEC §1-2)."""
+"""ResNets for CIFAR and ImageNet (bottleneck and basic blocks) with an optional attention variant in every block (SPEC §1-2, §6)."""
 from __future__ import annotations
 
 import math
