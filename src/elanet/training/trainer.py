@@ -33,6 +33,7 @@ from ..pruning import PruningSchedule, ela_blocks, format_round, get_mask
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig, save_yaml
 from .distributed import DistInfo, all_reduce_sum, cleanup_distributed, setup_distributed
+from .layout import resolve_memory_format
 
 __all__ = ["train", "evaluate", "lr_at", "METRICS"]
 
@@ -176,8 +177,8 @@ def _train(cfg, info: DistInfo, device: torch.device, resume, on_step, log) -> d
                       device=device, workers=cfg.workers, download=cfg.download, rank=info.rank,
                       world_size=info.world_size, seed=cfg.seed, image_size=cfg.image_size)
     model = create_model(cfg.model, num_classes=data.num_classes, in_chans=data.in_chans, drop_path=cfg.drop_path).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    memory_format = resolve_memory_format("channels_last" if cfg.channels_last else cfg.memory_format, device)
+    model = model.to(memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     n_ela = len(ela_blocks(model))
@@ -269,8 +270,7 @@ def _train(cfg, info: DistInfo, device: torch.device, resume, on_step, log) -> d
                 lr = lr_at(cfg, epoch, step / n_steps)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
-                if cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
+                x = x.contiguous(memory_format=memory_format)
                 with (record_attention(model) if measuring else nullcontext()) as rec, _autocast(device, cfg.amp):
                     out = net(x)
                     loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
