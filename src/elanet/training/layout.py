@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["MEMORY_FORMATS", "default_memory_format", "resolve_memory_format", "format_name"]
+__all__ = ["MEMORY_FORMATS", "default_memory_format", "resolve_memory_format", "run_memory_format", "format_name"]
 
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 _FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
@@ -27,6 +27,14 @@ def resolve_memory_format(name: str, device: str | torch.device) -> torch.memory
     if name not in _FORMATS:
         raise ValueError(f"unknown memory format {name!r}: use one of {', '.join(MEMORY_FORMATS)}")
     return _FORMATS[name]
+
+
+def run_memory_format(cfg: object, device: str | torch.device) -> torch.memory_format:
+    """The layout of a training run: its config's ``memory_format``, or channels-last where an older
+    config set the deprecated ``channels_last: true``."""
+    if getattr(cfg, "channels_last", False):
+        return torch.channels_last
+    return resolve_memory_format(getattr(cfg, "memory_format", "auto"), device)
 
 
 def format_name(fmt: torch.memory_format) -> str:
