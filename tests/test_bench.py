@@ -115,3 +115,22 @@ def test_memory_format_default_and_override():
     assert resolve_memory_format("contiguous", "cpu") == torch.contiguous_format
     with pytest.raises(ValueError, match="channels_last, contiguous"):
         resolve_memory_format("nhwc", "cpu")
+
+
+def test_gpu_script_dry_run_on_cpu(tmp_path):
+    """benchmarks/gpu.sh runs its two benchmarks end to end, shrunk onto the CPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "ELANET_GPU_DRY_RUN": "1", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run(["bash", str(root / "benchmarks" / "gpu.sh"), str(tmp_path)], env=env, check=True, capture_output=True)
+    for name, depth in (("resnet110_cifar.json", 20), ("resnet50_224.json", 50)):
+        report = json.loads((tmp_path / name).read_text())
+        got = {(r["variant"], r["memory_format"]) for r in report["results"]}
+        want = {"plain", "MRLA-L", "MRLA-B", "ELA 0%", "ELA 50%", "ELA 100%"} | ({"DIA"} if f"resnet{depth}_dia" in elanet.list_models() else set())
+        assert got == {(v, f) for v in want for f in ("contiguous", "channels_last")}
+        assert "--fractions 0 0.5 1" in report["command"] and "--no-kl" in report["command"]

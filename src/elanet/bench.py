@@ -27,6 +27,7 @@ from .attention import record_attention
 from .models import create_model, list_models, model_info
 from .profile import profile
 from .pruning import PruningSchedule, ela_blocks, set_mask
+from .training.core import autocast
 from .training.layout import format_name, resolve_memory_format
 
 __all__ = [
@@ -119,7 +120,7 @@ def make_variants(
     measure_kl: bool = True,
     run_dir: str | Path | None = None,
 ) -> list[Variant]:
-    """Plain, MRLA-L, MRLA-B and ELA at each pruned fraction for every depth, then the run's mask.
+    """Plain, MRLA-L, MRLA-B, DIA (where registered) and ELA at each pruned fraction for every depth, then the run's mask.
 
     Args:
         depths: backbone depths, e.g. ``(56, 110)`` (CIFAR) or ``(50,)`` (ImageNet).
@@ -140,6 +141,8 @@ def make_variants(
             raise ValueError(f"no ResNet-{d}: use depths of {', '.join(m for m in list_models() if '_' not in m)}")
         variants += [Variant(f"resnet{d}", d, "plain"), Variant(f"resnet{d}_mrla_l", d, "MRLA-L")]
         variants.append(Variant(f"resnet{d}_mrla_b", d, "MRLA-B"))
+        if f"resnet{d}_dia" in list_models():  # the DIA baseline, where the registry has it
+            variants.append(Variant(f"resnet{d}_dia", d, "DIA"))
         name = f"resnet{d}_ela"
         ela = create_model(name)
         for f in fractions:
@@ -183,11 +186,11 @@ class _Runner:
     """A variant's model, optimiser and one training step on a fixed batch."""
 
     def __init__(self, v: Variant, *, num_classes: int, drop_path: float, device: torch.device, seed: int,
-                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
+                 memory_format: torch.memory_format = torch.contiguous_format, amp: str = "none") -> None:
         torch.manual_seed(seed)
         model = create_model(v.model, num_classes=num_classes, drop_path=drop_path)
         self.model = model.to(device=device, memory_format=memory_format).train()
-        self.memory_format = memory_format
+        self.memory_format, self.amp = memory_format, amp
         if v.mask is not None:
             set_mask(self.model, v.mask)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -197,12 +200,13 @@ class _Runner:
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.opt.zero_grad(set_to_none=True)
-        if self.schedule is not None:
-            with record_attention(self.model) as rec:
-                loss = F.cross_entropy(self.model(x), y)
-            self.schedule.accumulate(rec)
-        else:
-            loss = F.cross_entropy(self.model(x), y)
+        with autocast(self.device, self.amp):
+            if self.schedule is not None:
+                with record_attention(self.model) as rec:
+                    loss = F.cross_entropy(self.model(x).float(), y)
+                self.schedule.accumulate(rec)
+            else:
+                loss = F.cross_entropy(self.model(x).float(), y)
         loss.backward()
         self.opt.step()
         if self.device.type == "cuda":
@@ -220,6 +224,7 @@ def run_benchmark(
     drop_path: float = 0.2,
     seed: int = 0,
     memory_formats: Sequence[str] = LAYOUTS,
+    amp: str = "none",
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Time the training step of every variant, interleaved, and measure its memory and MACs.
@@ -235,6 +240,7 @@ def run_benchmark(
         seed: seeds the models, the batch and the round order.
         memory_formats: layouts to time every variant in: ``'contiguous'`` (NCHW), ``'channels_last'``,
             ``'auto'`` (the device's default, :func:`elanet.training.default_memory_format`).
+        amp: ``'none'``, or ``'bf16'`` / ``'fp16'`` autocast around forward and loss (as ``elanet train --amp``).
         log: called with a progress line after every round.
 
     Returns:
@@ -243,6 +249,8 @@ def run_benchmark(
     if batch_size < 1 or steps < 1 or warmup < 0:
         raise ValueError(f"need batch_size >= 1, steps >= 1, warmup >= 0, got {batch_size}, {steps}, {warmup}")
     device = torch.device(device)
+    if amp not in ("none", "bf16", "fp16"):
+        raise ValueError(f"amp must be none, bf16 or fp16, got {amp!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but CUDA is not available: use --device cpu")
     formats = list(dict.fromkeys(resolve_memory_format(f, device) for f in memory_formats))
@@ -261,7 +269,7 @@ def run_benchmark(
                 y = torch.randint(0, info["num_classes"], (batch_size,), generator=g)
                 inputs[key] = (x.to(device).contiguous(memory_format=fmt), y.to(device), size)
             runners.append(_Runner(v, num_classes=info["num_classes"], drop_path=drop_path, device=device, seed=seed,
-                                   memory_format=fmt))
+                                   memory_format=fmt, amp=amp))
             cases.append((v, key))
 
     times: list[list[float]] = [[] for _ in cases]
@@ -320,7 +328,7 @@ def run_benchmark(
         "settings": {
             "batch_size": batch_size, "steps": steps, "warmup": warmup, "device": str(device),
             "threads": torch.get_num_threads(), "image_size": image_size, "drop_path": drop_path, "seed": seed,
-            "families": sorted(families), "memory_formats": [format_name(f) for f in formats],
+            "families": sorted(families), "memory_formats": [format_name(f) for f in formats], "amp": amp,
             "optimizer": "SGD(lr=0.1, momentum=0.9, weight_decay=1e-4)",
             "memory": MEMORY_NOTE,
         },

@@ -36,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-format", default="both", choices=["both", *MEMORY_FORMATS],
                    help="layouts to time: both (default: NCHW and channels-last, the faster one marked), auto (the "
                         "device's default), channels_last or contiguous")
+    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast of forward and loss")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench.json", help="JSON file for the results")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -46,7 +47,7 @@ def _command(args: argparse.Namespace) -> str:
     words = ["elanet", "bench", "--depths", *map(str, args.depths), "--batch-size", str(args.batch_size),
              "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
              "--device", args.device, "--drop-path", f"{args.drop_path:g}", "--fractions", *(f"{f:g}" for f in args.fractions),
-             "--memory-format", args.memory_format, "--seed", str(args.seed), "--out", args.out]
+             "--memory-format", args.memory_format, "--amp", args.amp, "--seed", str(args.seed), "--out", args.out]
     if args.image_size:
         words += ["--image-size", str(args.image_size)]
     if args.no_kl:
@@ -75,7 +76,7 @@ def _run(args: argparse.Namespace) -> int:
     report = run_benchmark(
         variants, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, device=args.device,
         image_size=args.image_size, drop_path=args.drop_path, seed=args.seed, log=log,
-        memory_formats=LAYOUTS if args.memory_format == "both" else (args.memory_format,),
+        memory_formats=LAYOUTS if args.memory_format == "both" else (args.memory_format,), amp=args.amp,
     )
     report["command"] = _command(args)
     print(format_table(report))
