@@ -45,8 +45,14 @@ def crop_flip(x: Tensor, *, pad: int, top: Tensor, left: Tensor, mirror: Tensor)
 
 
 def normalize(x: Tensor, *, mean: Tensor, std: Tensor, scale: float) -> Tensor:
-    """``(x / scale - mean) / std`` in float32; ``mean``/``std`` broadcast as [1, C, 1, 1]."""
-    return x.to(torch.float32, copy=True).mul_(1.0 / (scale * std)).sub_(mean / std)
+    """``(x / scale - mean) / std`` in float32; ``mean``/``std`` broadcast as [1, C, 1, 1].
+
+    The result has the canonical NCHW strides. A one-channel batch gathered from a NumPy view can have
+    strides that also read as channels-last; convolutions then propagate channels-last and produce
+    depthwise weight gradients ([C, 1, k, k]) whose strides differ from the weights', which DDP copies
+    with a "Grad strides do not match bucket view strides" warning on every rank.
+    """
+    return x.to(torch.float32, memory_format=torch.contiguous_format, copy=True).mul_(1.0 / (scale * std)).sub_(mean / std)
 
 
 class MemoryLoader:

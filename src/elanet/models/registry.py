@@ -77,7 +77,11 @@ def create_model(
         stem, d = "cifar", 32
     else:
         stem, d = ("deep", 16) if variant in ("mrla_b", "ela") else ("standard", 32)
-    d = head_dim or d
+    if head_dim is not None:  # validation of the head width (reliability, issue 12)
+        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+            raise ValueError(f"head_dim must be a positive whole number of channels per head, got {head_dim!r}; "
+                             "leave it out for the paper's default")
+        d = head_dim
     attn: Callable[[int], nn.Module] | None = None
     if variant == "mrla_l":
         attn = partial(MRLALight, head_dim=d, drop_path=drop_path)
