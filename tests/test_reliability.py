@@ -437,3 +437,28 @@ def test_sigterm_to_elanet_train_saves_and_exits_143(cifar, tmp_path):
     assert "SIGTERM: stopping after this step" in proc.stderr
     ckpt = load_checkpoint(run / "last.pt")
     assert (ckpt["epoch"], ckpt["step"]) == (1, 2)
+
+
+# ------------------------------------------------------------------ a mid-epoch resume does not re-read skipped batches
+@pytest.mark.parametrize("name", ["cifar10", "folder"])
+def test_iter_from_equals_the_tail_of_the_epoch_without_reading_the_skipped_batches(name, cifar, tmp_path):
+    if name == "folder":
+        root = write_folder_tree(tmp_path / "data")
+        data = build_data("folder", data_dir=str(root), batch_size=8, image_size=16, workers=0, seed=3)
+        reads = []
+        base = data.train.dataset.base
+        real = base.loader
+        base.loader = lambda path: reads.append(path) or real(path)
+    else:
+        data = build_data("cifar10", data_dir=str(cifar), batch_size=16, seed=3)  # crop + flip augmentation
+    data.train.set_epoch(2)
+    whole = list(data.train)
+    if name == "folder":
+        reads.clear()
+    tail = list(data.train.iter_from(2))
+    assert len(tail) == len(whole) - 2 >= 1
+    for (x, y), (x2, y2) in zip(whole[2:], tail):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    if name == "folder":
+        assert len(reads) == 8 * len(tail)  # only the batches it yields
+        assert len(list(data.train)) == len(whole)  # the next epoch starts from its first batch again

@@ -106,14 +106,16 @@ class ShardSampler(Sampler[int]):
 
     def __init__(self, n: int, *, train: bool, rank: int, world_size: int, seed: int) -> None:
         self.n, self.train, self.rank, self.world_size, self.seed, self.epoch = n, train, rank, world_size, seed, 0
+        self.start = 0  # first position of the epoch's order to yield (a mid-epoch resume)
 
     def __iter__(self) -> Iterator[int]:
         idx = shard_indices(self.n, train=self.train, rank=self.rank, world_size=self.world_size,
                             seed=self.seed, epoch=self.epoch)
-        return iter(idx.tolist())
+        return iter(idx[self.start:].tolist())
 
     def __len__(self) -> int:
-        return self.n // self.world_size if self.train else len(range(self.rank, self.n, self.world_size))
+        n = self.n // self.world_size if self.train else len(range(self.rank, self.n, self.world_size))
+        return max(n - self.start, 0)
 
 
 class FolderLoader:
@@ -147,8 +149,25 @@ class FolderLoader:
     def __len__(self) -> int:
         return num_batches(len(self.sampler), self.batch_size, drop_last=self.train)
 
+    def iter_from(self, start: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """The batches of this epoch from batch ``start`` on, equal to ``list(self)[start:]`` without
+        reading the skipped images (augmentation depends only on the seed, epoch and index)."""
+        n_batches = len(self)
+        self.sampler.start = min(start, n_batches) * self.batch_size
+        try:
+            yield from self._batches(n_batches - min(start, n_batches))
+        finally:
+            self.sampler.start = 0
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        for batch, bad in self.loader:
+        return self._batches(len(self))
+
+    def _batches(self, count: int) -> Iterator[tuple[Tensor, Tensor]]:
+        if count <= 0:
+            return
+        for k, (batch, bad) in enumerate(self.loader):
+            if k == count:  # a resumed epoch: the tail would form one partial batch too many
+                break
             for b in bad:
                 if b.path not in self.skipped:
                     self.skipped[b.path] = b.reason

@@ -94,6 +94,11 @@ class MemoryLoader:
         return num_batches(self.num_samples, self.batch_size, drop_last=self.train)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return self.iter_from(0)
+
+    def iter_from(self, start: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """The batches of this epoch from batch ``start`` on, equal to ``list(self)[start:]`` (the skipped
+        batches' augmentation draws are made and dropped, so the stream lines up)."""
         dev = self.images.device
         idx = shard_indices(len(self.images), train=self.train, rank=self.rank, world_size=self.world_size,
                             seed=self.seed, epoch=self.epoch).to(dev)
@@ -102,8 +107,11 @@ class MemoryLoader:
             g = torch.Generator(device=dev).manual_seed(derive_seed(1, self.seed, self.epoch, self.rank))
         for i in range(len(self)):
             sel = idx[i * self.batch_size:(i + 1) * self.batch_size]
-            x = self.images[sel]
             if augment:
                 top, left, mirror = crop_flip_params(len(sel), pad=self.pad, flip=self.flip, generator=g)
+            if i < start:
+                continue
+            x = self.images[sel]
+            if augment:
                 x = crop_flip(x, pad=self.pad, top=top, left=left, mirror=mirror)
             yield normalize(x, mean=self.mean, std=self.std, scale=self.scale), self.labels[sel]
