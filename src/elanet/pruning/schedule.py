@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -73,6 +74,9 @@ class PruningSchedule:
         counts = [fixed_count] if isinstance(fixed_count, int) else list(fixed_count)
         if any(not isinstance(k, int) or k < 0 for k in counts):
             raise ValueError(f"fixed_count must be an integer >= 0 or a list of them (one per window), got {fixed_count}")
+        bad = [w for w in windows if len(w) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in w)]
+        if bad:
+            raise ValueError(f"pruning windows must be (start, end) pairs of whole epochs, got {bad[0]!r}")
         self.windows = [(int(s), int(e)) for s, e in windows]
         if not isinstance(fixed_count, int) and len(counts) != len(self.windows):
             raise ValueError(f"fixed_count lists {len(counts)} counts for {len(self.windows)} windows: give one per window")
@@ -112,7 +116,8 @@ class PruningSchedule:
         pairs = [(rec.blocks[i], rec.blocks[i + 1], i) for i in range(len(rec.blocks) - 1) if rec.stages[i] == rec.stages[i + 1]]
         if not pairs:
             return
-        vals = torch.stack([adjacent_kl(rec.weights[i], rec.weights[i + 1], self.eps).mean(1).sum(0) for _, _, i in pairs])
+        vals = torch.stack([adjacent_kl(rec.weights[i], rec.weights[i + 1], self.eps, check=False).mean(1).sum(0)
+                            for _, _, i in pairs])  # softmax outputs: no per-step check (a device sync)
         keys = [(a, b) for a, b, _ in pairs]
         if self._sum is None:
             self._pairs = keys
