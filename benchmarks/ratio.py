@@ -12,12 +12,14 @@ import sys
 
 report = json.load(open(sys.argv[1]))
 a_label, b_label = sys.argv[2], sys.argv[3]
-for depth in sorted({r["depth"] for r in report["results"]}):
-    a = next((r for r in report["results"] if r["depth"] == depth and r["variant"] == a_label), None)
-    b = next((r for r in report["results"] if r["depth"] == depth and r["variant"] == b_label), None)
+keys = sorted({(r["depth"], r.get("memory_format", "contiguous")) for r in report["results"]})
+for depth, layout in keys:
+    same = [r for r in report["results"] if r["depth"] == depth and r.get("memory_format", "contiguous") == layout]
+    a = next((r for r in same if r["variant"] == a_label), None)
+    b = next((r for r in same if r["variant"] == b_label), None)
     if a is None or b is None:
         continue
     rounds = [x / y for x, y in zip(a["step_times_s"], b["step_times_s"])]
-    print(f"depth {depth}: {a_label} / {b_label}: median {a['median_step_s'] / b['median_step_s']:.3f} "
+    print(f"depth {depth}, {layout}: {a_label} / {b_label}: median {a['median_step_s'] / b['median_step_s']:.3f} "
           f"({1e3 * a['median_step_s']:.0f} / {1e3 * b['median_step_s']:.0f} ms), fastest {a['min_step_s'] / b['min_step_s']:.3f}, "
           f"per round median {statistics.median(rounds):.3f} [{min(rounds):.3f}, {max(rounds):.3f}]")
