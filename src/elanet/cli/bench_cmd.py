@@ -19,6 +19,7 @@ import torch
 
 from ..bench import DEFAULT_VARIANTS, FRACTIONS, LAYOUTS, format_table, make_variants, run_benchmark, save_json
 from ..training.layout import MEMORY_FORMATS
+from .paths import check_output_file
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -70,6 +71,9 @@ def _command(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.image_size is not None and args.image_size < 8:
+        raise ValueError(f"--image-size must be >= 8 (or left out for the default), got {args.image_size}")
+    check_output_file(args.out)  # before the benchmark runs, not after
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:

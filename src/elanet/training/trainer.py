@@ -91,6 +91,18 @@ class Classification:
         return {"num_classes": d.num_classes, "in_chans": d.in_chans, "image_size": d.image_size,
                 "dataset": self.cfg.dataset, "mean": list(d.mean), "std": list(d.std), "classes": list(d.classes)}
 
+    def summary_extra(self) -> dict[str, Any]:
+        """ImageFolder runs: how many distinct files could not be decoded and were left out (all ranks)."""
+        loaders = [ld for ld in (self.data.train, self.data.test) if hasattr(ld, "skipped")]
+        if not loaders:
+            return {}
+        paths = set().union(*(ld.skipped for ld in loaders))
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            every: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(every, sorted(paths))
+            paths = set().union(*every)
+        return {"skipped_images": len(paths)}
+
     def finish(self, model: nn.Module, ctx: Context) -> None:
         if self.cfg.plots and any(isinstance(m, MRLABase) for m in model.modules()):
             from .core import _plot, _viz
