@@ -7,6 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .aggregate import LayerMemory
 from .record import AttentionRecord
@@ -137,6 +138,37 @@ class MRLABase(_QKV):
         return f"channels={self.channels}, heads={self.heads}, k={self.kernel_size}, prunable={self.prunable}, active={self.active}"
 
 
+class _GateMix(torch.autograd.Function):
+    """``gate * v + lambda * identity`` of MRLA-L (paper eq. 7) with a lean backward.
+
+    Autograd's ``addcmul`` backward, given a full-size factor and a small one that both need
+    gradients, first scales the full-size factor by the scalar ``value`` (a whole extra pass). Here
+    each gradient is one product: ``grad * gate``, ``grad * lambda``, and the two reductions
+    ``sum(grad * v)`` over H, W and ``sum(grad * identity)`` over B, H, W share one scratch tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, v: Tensor, gate: Tensor, identity: Tensor, lam: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(v, gate, identity, lam)
+        return torch.mul(v, gate).addcmul_(identity, lam)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        v, gate, identity, lam = ctx.saved_tensors
+        need_v, need_gate, need_id, need_lam = ctx.needs_input_grad
+        grad_v = grad * gate if need_v else None
+        grad_id = grad * lam if need_id else None
+        grad_gate = grad_lam = None
+        if need_gate or need_lam:
+            scratch = torch.empty_like(grad)
+            if need_gate:
+                grad_gate = torch.mul(grad, v, out=scratch).sum((2, 3), keepdim=True)
+            if need_lam:
+                grad_lam = torch.mul(grad, identity, out=scratch).sum((0, 2, 3), keepdim=True)
+        return grad_v, grad_gate, grad_id, grad_lam
+
+
 class MRLALight(_QKV):
     """MRLA-L, the light layer attention (paper eq. 7; SPEC §2).
 
@@ -156,7 +188,7 @@ class MRLALight(_QKV):
         q, k = self.query_key(x)
         gate = torch.sigmoid((q * k).sum(-1) * self.scale)  # [B, heads]
         gate = gate.repeat_interleave(self.head_dim, dim=1).view(b, c, 1, 1)
-        a = torch.addcmul(self.conv_v(x) * gate, self.lambda_t.view(1, c, 1, 1), identity)
+        a = _GateMix.apply(self.conv_v(x), gate, identity, self.lambda_t.view(1, c, 1, 1))  # gate * v + lambda * identity
         return self.drop_path.add(x, self.bn(a))
 
     def extra_repr(self) -> str:
