@@ -108,9 +108,23 @@ class LayerMemory:
             raise ValueError(f"weights {tuple(weights.shape)} do not fit a value of shape {tuple(value.shape)}")
         if self._values.shape is not None and value.shape != self._values.shape:
             raise ValueError(f"value shape {tuple(value.shape)} differs from the stage's {tuple(self._values.shape)}")
+        if not torch.is_grad_enabled():
+            return self._retrieve_inference(weights, value)
         link = self._link if self._link is not None else weights.new_empty(0)
         out, self._link = _Retrieve.apply(weights, value, link, self._values)
         return out
+
+    # --- inference path: no autograd, plain tensor ops, so torch.export / ONNX can trace it -------------
+    def _retrieve_inference(self, weights: Tensor, value: Tensor) -> Tensor:
+        """The forward of :meth:`retrieve` without the custom autograd (used when grad is disabled)."""
+        v = self._values
+        if v.len == 0 and weights.shape[-1] == 1:  # a softmax over one layer is exactly 1: o_1 = v_1
+            v.store(value)
+            return value
+        v.store(value)
+        b, heads, n = weights.shape
+        stacked = _per_head(v.buf, n, b * heads)  # [B*heads, n, d*H*W], a view of the stage's buffer
+        return torch.bmm(weights.reshape(b * heads, 1, n).to(stacked.dtype), stacked).view(value.shape)
 
 
 class _Retrieve(torch.autograd.Function):
