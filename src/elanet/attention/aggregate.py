@@ -70,7 +70,7 @@ class LayerMemory:
             buffer starts small and doubles as needed.
     """
 
-    __slots__ = ("keys", "_values", "_link")
+    __slots__ = ("keys", "_values", "_link", "_traced")
 
     def __init__(self, capacity: int | None = None) -> None:
         if capacity is not None and capacity < 0:
@@ -78,9 +78,10 @@ class LayerMemory:
         self.keys: list[Tensor] = []  # each [B, heads, d]
         self._values = _Values(capacity)
         self._link: Tensor | None = None  # orders the backward of consecutive retrievals
+        self._traced: list[Tensor] = []  # values stored under torch.compile (see retrieve)
 
     def __len__(self) -> int:
-        return self._values.len
+        return self._values.len + len(self._traced)
 
     @property
     def values(self) -> list[Tensor]:
@@ -110,6 +111,11 @@ class LayerMemory:
             raise ValueError(f"value shape {tuple(value.shape)} differs from the stage's {tuple(self._values.shape)}")
         if not torch.is_grad_enabled():
             return self._retrieve_inference(weights, value)
+        if torch.compiler.is_compiling():
+            # torch.compile: the same sum in plain differentiable ops, which the compiler traces and
+            # differentiates itself (the custom autograd below keeps Python state between blocks)
+            self._traced.append(value)
+            return aggregate(weights, self._traced)
         link = self._link if self._link is not None else weights.new_empty(0)
         out, self._link = _Retrieve.apply(weights, value, link, self._values)
         return out

@@ -7,7 +7,7 @@ from pathlib import Path
 from ..training.config import PRESETS, TrainConfig, load_yaml, resolve_config
 from . import UsageError
 
-RUNTIME = ("device", "workers", "threads", "epochs", "plots", "tensorboard")  # what --resume may change
+RUNTIME = ("device", "workers", "threads", "epochs", "plots", "tensorboard", "compile")  # what --resume may change
 
 
 def _windows(text: str) -> list[list[int]]:
@@ -70,6 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     g.add_argument("--amp", choices=["none", "bf16", "fp16"], help="mixed precision (GPU runs)")
     g.add_argument("--channels-last", action="store_const", const=True, help="channels-last memory format (GPU runs)")
+    g.add_argument("--compile", action="store_const", const=True,
+                   help="torch.compile the training step (inductor); recompiles once after every pruning round")
     g.add_argument("--workers", type=int, help="DataLoader workers for imagenet/folder")
     g.add_argument("--threads", type=int, help="CPU threads for torch")
     g.add_argument("--no-plots", dest="plots", action="store_const", const=False, help="do not draw figures into the run folder")

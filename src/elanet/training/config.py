@@ -52,6 +52,7 @@ class TrainConfig:
     device: str = "auto"
     amp: str = "none"  # none | bf16 | fp16
     channels_last: bool = False
+    compile: bool = False  # torch.compile the training forward/backward (recompiles after each pruning round)
     workers: int = 4
     threads: int | None = None
     plots: bool = True

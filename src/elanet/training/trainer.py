@@ -230,11 +230,11 @@ def _train(cfg, info: DistInfo, device: torch.device, resume, on_step, log) -> d
             + (f" | resuming after epoch {start_epoch - 1}" + (f", step {skip}" if skip else "") if ckpt else ""))
 
     def wrap() -> nn.Module:
-        if not info.enabled:
-            return model
         # Rebuilt after every pruning round: parameters of pruned blocks no longer require grad, so the
         # new DDP reducer does not wait for gradients that will never come.
-        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if info.enabled else model
+        # torch.compile guards on every block's `active` flag: the first step after a pruning round recompiles
+        return torch.compile(net) if cfg.compile else net
 
     def checkpoint(epoch: int, step: int, partial_sums) -> dict[str, Any]:
         return {
@@ -247,6 +247,8 @@ def _train(cfg, info: DistInfo, device: torch.device, resume, on_step, log) -> d
             "best": best, "mask": get_mask(model) if n_ela else [],
         }
 
+    if cfg.compile:  # one compilation per mask and recording state: more than dynamo's default limit of 8
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     net = wrap()
     interactive = info.main and sys.stderr.isatty()
     with _StopFlag() as stop:
