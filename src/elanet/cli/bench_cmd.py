@@ -1,6 +1,9 @@
-"""``elanet bench``: time the training step of plain, MRLA-L, MRLA-B and ELA ResNets.
+"""``elanet bench``: time the training step of plain, MRLA-L, MRLA-B, ELA, DIA or any registered variant.
 
 Example::
+
+    elanet bench --depths 110 --variants plain dia ela --fractions 0 0.5   # ELA vs DIA
+    elanet bench --depths 50 --variants plain torchvision --batch-size 16  # our plain ResNet-50 vs torchvision's
 
     elanet bench --depths 56 110 --out bench.json          # CIFAR input, CPU, 2 threads, batch 64
     elanet bench --depths 50 --batch-size 16 --steps 5     # ImageNet ResNet-50 at 224x224
@@ -16,13 +19,17 @@ import sys
 
 import torch
 
-from ..bench import (FRACTIONS, INFER_BATCHES, INFER_FRACTIONS, format_infer_table, format_table, make_infer_variants,
-                     make_variants, run_benchmark, run_infer_benchmark, save_json)
+from ..bench import (DEFAULT_VARIANTS, FRACTIONS, INFER_BATCHES, INFER_FRACTIONS, format_infer_table, format_table,
+                     make_infer_variants, make_variants, run_benchmark, run_infer_benchmark, save_json)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--depths", type=int, nargs="+", default=[56, 110],
                    help="ResNet depths: 20/56/110 (CIFAR, 32x32) or 50/101 (ImageNet, 224x224)")
+    p.add_argument("--variants", nargs="+", default=None,
+                   help=f"variants per depth: plain, mrla_l, mrla_b, ela (one per --fractions), dia, se, eca, cbam, bam, "
+                        f"dla_l, gc, rla, or torchvision (torchvision.models.resnetN); default: {' '.join(DEFAULT_VARIANTS)}, "
+                        f"each where the depth has it")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=10, help="timed rounds (each runs every variant once)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
@@ -48,6 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _command(args: argparse.Namespace) -> str:
     """The full command line, every setting spelled out."""
     words = ["elanet", "bench", "--mode", args.mode, "--depths", *map(str, args.depths)]
+    if args.variants and args.mode == "train":
+        words += ["--variants", *args.variants]
     words += ["--batch-sizes", *map(str, args.batch_sizes)] if args.mode == "infer" else ["--batch-size", str(args.batch_size)]
     words += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
               "--device", args.device, "--drop-path", f"{args.drop_path:g}", "--fractions", *(f"{f:g}" for f in args.fractions),
@@ -79,7 +88,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.mode == "infer":
         return _run_infer(args, log)
     args.fractions = list(FRACTIONS) if args.fractions is None else args.fractions
-    variants = make_variants(args.depths, fractions=args.fractions, measure_kl=not args.no_kl, run_dir=args.run)
+    variants = make_variants(args.depths, variants=args.variants, fractions=args.fractions, measure_kl=not args.no_kl, run_dir=args.run)
     if log:
         log(f"benchmarking {len(variants)} variants on {args.device} ({args.threads} threads), batch {args.batch_size}")
     report = run_benchmark(
