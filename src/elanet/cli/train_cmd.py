@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-dir", help="dataset folder (CIFAR: torchvision's layout; imagenet/folder: train/ and val/)")
     g.add_argument("--download", action="store_const", const=True, help="download CIFAR into --data-dir (needs internet)")
     g.add_argument("--image-size", type=int, help="crop size for imagenet/folder (default 224)")
+    g.add_argument("--pretrained", metavar="SOURCE",
+                   help="start from pretrained backbone weights: a file, or torchvision:NAME / timm:NAME from the local cache "
+                        "(e.g. timm:resnet50c for the deep-stem MRLA-B/ELA ResNet-50); attention starts near zero")
     g.add_argument("--preset", choices=sorted(PRESETS), help="paper recipe (default: the dataset's)")
     g.add_argument("--config", help="YAML file of settings; command-line flags override it")
     g = p.add_argument_group("run folder")

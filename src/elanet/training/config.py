@@ -160,6 +160,7 @@ class TrainConfig(RunConfig):
     drop_path: float = 0.0
     label_smoothing: float = 0.0
     workers: int = 4
+    pretrained: str | None = None  # backbone weights: a file, 'torchvision:resnet50' or 'timm:resnet50c' (local cache)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the fix for any setting of the wrong type or out of range."""
