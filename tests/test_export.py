@@ -12,7 +12,8 @@ import torch
 from elanet import count_params, create_model
 from elanet.cli import main
 from elanet.data import build_data
-from elanet.export import export_model, load_exported, strip_pruned
+from elanet.attention import MRLABase
+from elanet.export import export_model, fold_attention_bn, load_exported, strip_pruned
 from elanet.pruning import get_mask, set_mask
 from elanet.training import TrainConfig, train
 from elanet.training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -129,3 +130,17 @@ def test_export_bad_input_fails_cleanly_and_writes_nothing(pruned_run, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(e.startswith("elanet export: error:") for e in err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty_run", "file"]
+
+
+def test_fold_attention_bn_only_where_a_stage_keeps_one_block():
+    model = create_model("resnet20_ela").eval()
+    for m in model.modules():  # non-trivial running statistics and affine parameters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(), m.running_var.uniform_(0.5, 2.0), m.weight.data.normal_(), m.bias.data.normal_()
+    set_mask(model, [True, True, True, False, True, False])  # stage 1 keeps two blocks, stages 2 and 3 one each
+    folded = fold_attention_bn(strip_pruned(model))
+    kept = [m for m in folded.modules() if isinstance(m, MRLABase)]
+    assert [isinstance(m.bn, torch.nn.Identity) for m in kept] == [False, False, True, True]
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)

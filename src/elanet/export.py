@@ -3,7 +3,8 @@
 A pruned ELA block does no attention work (paper eq. 16), but during training it keeps its
 parameters so that the mask can be checkpointed and resumed. :func:`strip_pruned` makes that
 removal physical: the attention module of every pruned block is deleted, so its parameters are
-gone from the model. :func:`export_model` then traces the stripped model in eval mode with
+gone from the model; :func:`fold_attention_bn` folds the attention BN of a stage's only remaining
+block into its value convolution. :func:`export_model` then traces the stripped model in eval mode with
 ``torch.export`` (batch size dynamic, image size fixed) and writes
 
 - ``.pt2``: a ``torch.export`` program, loadable with ``torch.export.load`` alone (no elanet);
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 from .attention import MRLABase
 from .profile import Profile, profile
 
-__all__ = ["FORMATS", "ExportReport", "strip_pruned", "export_model", "load_exported", "ExportedModel"]
+__all__ = ["FORMATS", "ExportReport", "strip_pruned", "fold_attention_bn", "export_model", "load_exported", "ExportedModel"]
 
 FORMATS = (".pt2", ".onnx")
 META_KEY = "elanet.json"  # the metadata entry: an extra file of the .pt2 archive, a metadata_props key in ONNX
@@ -74,6 +75,35 @@ def strip_pruned(model: nn.Module) -> nn.Module:
     return stripped
 
 
+@torch.no_grad()
+def fold_attention_bn(model: nn.Module) -> nn.Module:
+    """Fold the eval-mode attention BN of every stage's *only* active MRLA-B / ELA block into its value conv.
+
+    Such a block retrieves from itself alone: its attention is a softmax over one layer, exactly 1,
+    so its branch is ``ReLU(BN(conv_v(x)))`` and the per-channel affine BN folds into the depthwise
+    kernel and a bias (one full-size pass less). Where a stage keeps several active blocks, a value
+    is also read by later blocks under their own BN, so nothing is folded there. In place; for
+    inference only (the running statistics are frozen in).
+    """
+    from .models.resnet import Stage
+
+    for stage in model.modules():
+        if not isinstance(stage, Stage):
+            continue
+        active = [m for m in stage.modules() if isinstance(m, MRLABase) and m.active]
+        if len(active) != 1 or not isinstance(active[0].bn, nn.BatchNorm2d) or not active[0].bn.track_running_stats:
+            continue
+        m = active[0]
+        bn, conv = m.bn, m.conv_v
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding,
+                          groups=conv.groups, bias=True).to(conv.weight.device, conv.weight.dtype)
+        fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+        fused.bias.copy_(bn.bias - bn.running_mean * scale)
+        m.conv_v, m.bn = fused, nn.Identity()
+    return model
+
+
 def _removed(model: nn.Module) -> int:
     return sum(isinstance(m, MRLABase) and not m.active for m in model.modules())
 
@@ -103,7 +133,7 @@ def export_model(
     atol: float = 1e-4,
     rtol: float = 1e-5,
 ) -> ExportReport:
-    """Strip pruned attention from ``model``, trace it with ``torch.export`` and write ``path``.
+    """Strip pruned attention from ``model``, fold its attention BN, trace it with ``torch.export``, write ``path``.
 
     The batch dimension stays dynamic; channels and image size are fixed to ``input_size``.
     Before the file is put in place its outputs are compared with ``model``'s eval-mode outputs on
@@ -129,7 +159,7 @@ def export_model(
     size = tuple(int(s) for s in input_size)
     before = profile(model, size)
     removed = _removed(model)
-    stripped = strip_pruned(model)
+    stripped = fold_attention_bn(strip_pruned(model))
     after = profile(stripped, size)
     unpruned = copy.deepcopy(model)
     for m in unpruned.modules():
