@@ -54,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _command(args: argparse.Namespace) -> str:
     """The full command line, every setting spelled out."""
-    words = ["elanet", "bench", "--mode", args.mode, "--depths", *map(str, args.depths)]
+    words = ["elanet", "bench", *(["--mode", "infer"] if args.mode == "infer" else []), "--depths", *map(str, args.depths)]
     if args.variants and args.mode == "train":
         words += ["--variants", *args.variants]
     words += ["--batch-sizes", *map(str, args.batch_sizes)] if args.mode == "infer" else ["--batch-size", str(args.batch_size)]
