@@ -240,3 +240,16 @@ def test_baseline_trains_under_ddp(tmp_path):
     assert any("context.w_ih" in k for k in r0["weights"])
     for k in r0["weights"]:
         assert r0["weights"][k] == pytest.approx(r1["weights"][k], rel=1e-6, abs=1e-6), k
+
+
+def test_replacing_a_block_module_reattaches_it():
+    """Removing a block's attention (as export does for pruned blocks) leaves the plain block."""
+    model = elanet.create_model("resnet20_se").eval()
+    block = model.layer1[1]
+    plain = elanet.create_model("resnet20").eval()
+    plain.load_state_dict(model.state_dict(), strict=False)
+    x = torch.randn(2, 64, 8, 8)
+    block.attn = None
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), plain.layer1[1](x))
+    assert [type(b).__name__ for b in model.layer2[:2]] == ["Bottleneck", "Bottleneck"] and len(model.layer2) == 2

@@ -1,4 +1,4 @@
-"""Bottleneck ResNets for CIFAR and ImageNet with optional layer attention after every block (SPEC §1-2)."""
+"""ResNets for CIFAR and ImageNet (bottleneck and basic blocks) with an optional attention variant in every block (SPEC §1-2, §6)."""
 from __future__ import annotations
 
 import math
@@ -143,7 +143,7 @@ class Stage(nn.Module):
     def __iter__(self) -> Iterator[nn.Module]:
         return (self._modules[str(i)] for i in range(self.num_blocks))
 
-    def __getitem__(self, i: int) -> nn.Module:
+    def __getitem__(self, i: int | slice) -> nn.Module | list[nn.Module]:
         return list(self)[i]
 
     def run(self, x: Tensor, carry: Any = None) -> tuple[Tensor, Any]:
