@@ -62,6 +62,7 @@ from ..attention import MRLABase, record_attention
 from ..pruning import PruningSchedule, ela_blocks, format_round, get_mask
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import RunConfig, save_yaml
+from .layout import run_memory_format
 from .distributed import DistInfo, all_reduce_sum, cleanup_distributed, setup_distributed
 from .rng import StepRNG
 from .run_dir import RunFolder, write_json
@@ -219,8 +220,7 @@ def _fit(task: Task, cfg: RunConfig, info: DistInfo, device: torch.device, folde
     torch.manual_seed(cfg.seed)
     parts = task.setup(cfg, ctx)
     model, optimizer, loader = parts.model, parts.optimizer, parts.train
-    if getattr(cfg, "channels_last", False):
-        model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=run_memory_format(cfg, device))  # the task lays its inputs out alike
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     n_ela = len(ela_blocks(model))
     schedule = None
