@@ -14,6 +14,7 @@ COMMANDS = {
     "models": "List every registered model with its parameters and GMACs",
     "viz": "Draw attention maps, pruning charts, Score-CAM maps and speed plots",
     "bench": "Benchmark the training step of plain, MRLA-L, MRLA-B and ELA models",
+    "study": "Run a grid of training runs over settings and seeds (the paper's ablations): mean ± std, mask stability",
 }
 
 
