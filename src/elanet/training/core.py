@@ -267,7 +267,8 @@ def _fit(task: Task, cfg: RunConfig, info: DistInfo, device: torch.device, folde
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                writer = SummaryWriter(str(run / "tb"))
+                # on resume, drop events of epochs after the checkpoint (a crash between log and checkpoint)
+                writer = SummaryWriter(str(run / "tb"), purge_step=start_epoch if ckpt is not None else None)
             except ImportError:
                 writer = None
         log(f"run folder {run} | {cfg.model} | {device} x{info.world_size}"
