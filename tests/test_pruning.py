@@ -190,12 +190,14 @@ def test_attention_covers_exactly_the_active_blocks_of_the_stage():
 
 
 def expected_macs(model, mask, size: int) -> int:
+    """Hand count for a mask. A stage's first active block aggregates one value under a softmax over one
+    layer (exactly 1) and returns the value without the product: no CHW*n term for it."""
     total, counts = 0, defaultdict(int)
     for b, on in zip(ela_blocks(model), mask):
         if on:
             counts[b.stage_index] += 1
-            h = size // (1, 2, 4)[b.stage_index]  # stage strides 1 / 2 / 2 (SPEC §1)
-            total += attention_macs(b.channels, h, counts[b.stage_index], ECA_K[b.channels])
+            c, h = b.channels, size // (1, 2, 4)[b.stage_index]  # stage strides 1 / 2 / 2 (SPEC §1)
+            total += attention_macs(c, h, counts[b.stage_index], ECA_K[c]) - (c * h * h if counts[b.stage_index] == 1 else 0)
     return total
 
 
@@ -208,7 +210,7 @@ def test_macs_count_only_the_active_blocks_attention():
         set_mask(model, mask)
         assert elanet.profile(model, (3, 16, 16)).macs == plain + expected_macs(model, mask, 16)
     # with everything prunable pruned, only the stage-first blocks' attention (n = 1) remains
-    assert expected_macs(model, firsts, 16) == sum(attention_macs(c, h, 1, ECA_K[c]) for c, h in ((64, 16), (128, 8), (256, 4)))
+    assert expected_macs(model, firsts, 16) == sum(attention_macs(c, h, 1, ECA_K[c]) - c * h * h for c, h in ((64, 16), (128, 8), (256, 4)))
 
 
 def test_pruned_model_trains_and_pruned_blocks_get_no_gradient():

@@ -462,3 +462,32 @@ def test_iter_from_equals_the_tail_of_the_epoch_without_reading_the_skipped_batc
     if name == "folder":
         assert len(reads) == 8 * len(tail)  # only the batches it yields
         assert len(list(data.train)) == len(whole)  # the next epoch starts from its first batch again
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_whole_process_group_with_dataloader_workers_saves(sig, tmp_path):
+    """A terminal's Ctrl-C and SLURM's scancel signal every process of the job, DataLoader workers too.
+    The workers leave the signal to the trainer, which stops after the step and saves (exit 128 + sig)."""
+    import subprocess
+    import sys
+
+    root = write_folder_tree(tmp_path / "data")
+    run = tmp_path / "run"
+    code = ("import os, signal, sys\n"
+            "from elanet.cli import main\n"
+            "from elanet.training import core\n"
+            "real, sent = core.lr_at, []\n"
+            "def lr_at(cfg, epoch, frac=0.0):\n"
+            "    if epoch == 2 and frac > 0 and not sent:\n"
+            f"        sent.append(1); __import__('subprocess').run(['kill', '-s', '{sig.name}', '--', f'-{{os.getpgrp()}}'])  # sent by another process\n"
+            "    return real(cfg, epoch, frac)\n"
+            "core.lr_at = lr_at\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    args = ["train", "--dataset", "folder", "--data-dir", str(root), "--image-size", "16", "--out", str(run),
+            "--epochs", "3", "--batch-size", "8", "--windows", "1-2", "--milestones", "", "--workers", "1",
+            "--no-plots", "--no-tensorboard", "--threads", "1"]
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    assert proc.returncode == 128 + sig, proc.stderr[-3000:]
+    ckpt = load_checkpoint(run / "last.pt")
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 2)

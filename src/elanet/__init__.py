@@ -9,14 +9,14 @@ Quick start::
     schedule = elanet.PruningSchedule.preset("cifar")
 """
 from .attention import AttentionRecord, MRLABase, MRLALight, record_attention
-from .models import create_model, list_models, model_info
+from .models import create_model, list_models, load_pretrained, model_info
 from .profile import Profile, count_params, profile
 from .pruning import PRESETS, PruningSchedule, adjacent_kl, ebqm, format_round, get_mask, map_scores, set_mask
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AttentionRecord", "MRLABase", "MRLALight", "record_attention", "create_model", "list_models", "model_info",
+    "AttentionRecord", "MRLABase", "MRLALight", "record_attention", "create_model", "list_models", "load_pretrained", "model_info",
     "Profile", "count_params", "profile", "PRESETS", "PruningSchedule", "adjacent_kl", "ebqm", "format_round",
     "get_mask", "map_scores", "set_mask", "__version__",
 ]

@@ -32,7 +32,8 @@ from .training.layout import format_name, resolve_memory_format
 
 __all__ = [
     "Variant", "FRACTIONS", "DEFAULT_VARIANTS", "spread_mask", "run_mask", "make_variants", "peak_memory", "run_benchmark",
-    "format_table", "save_json", "SCHEMA",
+    "format_table", "save_json", "SCHEMA", "INFER_SCHEMA", "make_infer_variants", "run_infer_benchmark",
+    "infer_targets", "format_infer_table",
 ]
 
 SCHEMA = "elanet-bench/2"
@@ -231,13 +232,15 @@ class _Runner:
     """A variant's model, optimiser and one training step on a fixed batch."""
 
     def __init__(self, v: Variant, *, num_classes: int, drop_path: float, device: torch.device, seed: int,
-                 memory_format: torch.memory_format = torch.contiguous_format, amp: str = "none") -> None:
+                 memory_format: torch.memory_format = torch.contiguous_format, amp: str = "none",
+                 compile: bool = False) -> None:
         torch.manual_seed(seed)
         model = _build(v.model, num_classes=num_classes, drop_path=drop_path)
         self.model = model.to(device=device, memory_format=memory_format).train()
         self.memory_format, self.amp = memory_format, amp
         if v.mask is not None:
             set_mask(self.model, v.mask)
+        self.net = torch.compile(self.model) if compile else self.model
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4)
         self.schedule = PruningSchedule.preset("cifar") if v.measure_kl else None
@@ -248,10 +251,10 @@ class _Runner:
         with autocast(self.device, self.amp):
             if self.schedule is not None:
                 with record_attention(self.model) as rec:
-                    loss = F.cross_entropy(self.model(x).float(), y)
+                    loss = F.cross_entropy(self.net(x).float(), y)
                 self.schedule.accumulate(rec)
             else:
-                loss = F.cross_entropy(self.model(x).float(), y)
+                loss = F.cross_entropy(self.net(x).float(), y)
         loss.backward()
         self.opt.step()
         if self.device.type == "cuda":
@@ -270,6 +273,7 @@ def run_benchmark(
     seed: int = 0,
     memory_formats: Sequence[str] = LAYOUTS,
     amp: str = "none",
+    compile: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Time the training step of every variant, interleaved, and measure its memory and MACs.
@@ -286,6 +290,7 @@ def run_benchmark(
         memory_formats: layouts to time every variant in: ``'contiguous'`` (NCHW), ``'channels_last'``,
             ``'auto'`` (the device's default, :func:`elanet.training.default_memory_format`).
         amp: ``'none'``, or ``'bf16'`` / ``'fp16'`` autocast around forward and loss (as ``elanet train --amp``).
+        compile: run each model through ``torch.compile`` (compiled during the warm-up rounds).
         log: called with a progress line after every round.
 
     Returns:
@@ -301,6 +306,8 @@ def run_benchmark(
     formats = list(dict.fromkeys(resolve_memory_format(f, device) for f in memory_formats))
     if not formats:
         raise ValueError("memory_formats is empty: pass contiguous, channels_last or auto")
+    if compile:  # every variant is its own compilation: more than dynamo's default limit of 8
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(variants))
     families = {_info(v.model)["family"] for v in variants}
     runners, inputs, cases = [], {}, []
     for v in variants:
@@ -314,7 +321,7 @@ def run_benchmark(
                 y = torch.randint(0, info["num_classes"], (batch_size,), generator=g)
                 inputs[key] = (x.to(device).contiguous(memory_format=fmt), y.to(device), size)
             runners.append(_Runner(v, num_classes=info["num_classes"], drop_path=drop_path, device=device, seed=seed,
-                                   memory_format=fmt, amp=amp))
+                                   memory_format=fmt, amp=amp, compile=compile))
             cases.append((v, key))
 
     times: list[list[float]] = [[] for _ in cases]
@@ -373,7 +380,7 @@ def run_benchmark(
         "settings": {
             "batch_size": batch_size, "steps": steps, "warmup": warmup, "device": str(device),
             "threads": torch.get_num_threads(), "image_size": image_size, "drop_path": drop_path, "seed": seed,
-            "families": sorted(families), "memory_formats": [format_name(f) for f in formats], "amp": amp,
+            "families": sorted(families), "memory_formats": [format_name(f) for f in formats], "amp": amp, "compile": compile,
             "optimizer": "SGD(lr=0.1, momentum=0.9, weight_decay=1e-4)",
             "memory": MEMORY_NOTE,
         },
@@ -430,3 +437,148 @@ def save_json(report: dict[str, Any], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1) + "\n")
     return path
+
+
+# --- inference: eval-mode forward of plain, MRLA-B and exported (stripped) ELA -------------------------------
+
+INFER_SCHEMA = "elanet-bench-infer/1"
+INFER_FRACTIONS = (0.0, 0.5, 1.0)
+INFER_BATCHES = (1, 64)
+
+
+def make_infer_variants(depths: Sequence[int], *, fractions: Sequence[float] = INFER_FRACTIONS) -> list[Variant]:
+    """Plain, MRLA-B and exported ELA at each pruned fraction (evenly spread masks) for every depth."""
+    variants = []
+    for d in dict.fromkeys(int(d) for d in depths):
+        if f"resnet{d}" not in list_models():
+            raise ValueError(f"no ResNet-{d}: use depths of {', '.join(m for m in list_models() if '_' not in m)}")
+        variants += [Variant(f"resnet{d}", d, "plain"), Variant(f"resnet{d}_mrla_b", d, "MRLA-B")]
+        name = f"resnet{d}_ela"
+        ela = create_model(name)
+        for f in fractions:
+            variants.append(_ela_variant(ela, name, f"ELA {100 * f:g}% exported", spread_mask(ela, f)))
+    return variants
+
+
+def _infer_model(v: Variant, *, num_classes: int, device: torch.device, seed: int, compile: bool) -> nn.Module:
+    """The eval-mode model of a variant; an ELA variant as exported: pruned attention removed, attention BN folded."""
+    from .export import fold_attention_bn, strip_pruned
+
+    torch.manual_seed(seed)
+    model = create_model(v.model, num_classes=num_classes).eval()
+    if v.mask is not None:
+        set_mask(model, v.mask)
+        model = fold_attention_bn(strip_pruned(model))
+    model = model.to(device)
+    return torch.compile(model) if compile else model
+
+
+def infer_targets(results: list[dict]) -> list[dict]:
+    """Issue target per exported ELA entry: overhead <= (1 - f) * overhead(MRLA-B) + 5 % of plain.
+
+    Overheads are median forward times minus plain's at the same depth and batch size.
+    """
+    rows = []
+    for r in results:
+        if r["pruned_fraction"] is None:
+            continue
+        same = [o for o in results if o["depth"] == r["depth"] and o["batch_size"] == r["batch_size"]]
+        plain = next(o["median_s"] for o in same if o["variant"] == "plain")
+        base = next(o["median_s"] for o in same if o["variant"] == "MRLA-B")
+        f = r["pruned_fraction"]
+        limit = (1 - f) * (base - plain) + 0.05 * plain
+        rows.append({"depth": r["depth"], "batch_size": r["batch_size"], "variant": r["variant"], "pruned_fraction": f,
+                     "overhead_s": r["median_s"] - plain, "limit_s": limit, "met": r["median_s"] - plain <= limit})
+    return rows
+
+
+def run_infer_benchmark(
+    variants: Sequence[Variant],
+    *,
+    batch_sizes: Sequence[int] = INFER_BATCHES,
+    steps: int = 10,
+    warmup: int = 1,
+    device: str | torch.device = "cpu",
+    image_size: int | None = None,
+    seed: int = 0,
+    compile: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Time eval-mode forward passes of every variant at every batch size, interleaved.
+
+    A timed sample runs ``max(1, 64 // batch)`` forwards (so batch 1 is not all timer noise) and
+    records the time per forward. Rounds shuffle the variants as in :func:`run_benchmark`.
+    """
+    if steps < 1 or warmup < 0 or not batch_sizes or min(batch_sizes) < 1:
+        raise ValueError(f"need steps >= 1, warmup >= 0 and batch sizes >= 1, got {steps}, {warmup}, {list(batch_sizes)}")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but CUDA is not available: use --device cpu")
+    if compile:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(variants) * len(batch_sizes))
+    models, sizes = [], []
+    for v in variants:
+        info = model_info(v.model)
+        sizes.append((3, image_size, image_size) if image_size else info["input_size"])
+        models.append(_infer_model(v, num_classes=info["num_classes"], device=device, seed=seed, compile=compile))
+    jobs = [(i, b) for b in batch_sizes for i in range(len(variants))]
+    g = torch.Generator().manual_seed(seed)
+    inputs = {(b, s): torch.randn(b, *s, generator=g).to(device) for b in batch_sizes for s in set(sizes)}
+    times: dict[tuple[int, int], list[float]] = {j: [] for j in jobs}
+    rng = random.Random(seed)
+    load = [os.getloadavg()[0]] if hasattr(os, "getloadavg") else []
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for r in range(warmup + steps):
+            rng.shuffle(jobs)
+            for i, b in jobs:
+                x, reps = inputs[(b, sizes[i])], max(1, 64 // b)
+                t = time.perf_counter()
+                for _ in range(reps):
+                    models[i](x)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if r >= warmup:
+                    times[(i, b)].append((time.perf_counter() - t) / reps)
+            if load:
+                load.append(os.getloadavg()[0])
+            if log is not None:
+                log(f"round {r + 1}/{warmup + steps} ({'warm-up' if r < warmup else 'timed'}) done after {time.perf_counter() - start:.0f} s")
+    results = []
+    for b in batch_sizes:
+        for i, v in enumerate(variants):
+            prof = profile(getattr(models[i], "_orig_mod", models[i]), sizes[i])
+            ts = times[(i, b)]
+            results.append({"model": v.model, "depth": v.depth, "variant": v.label, "pruned_fraction": v.pruned_fraction,
+                            "batch_size": b, "median_s": statistics.median(ts), "min_s": min(ts), "times_s": ts,
+                            "gmacs": prof.gmacs, "mparams": prof.mparams})
+    return {
+        "schema": INFER_SCHEMA,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "settings": {"batch_sizes": list(batch_sizes), "steps": steps, "warmup": warmup, "device": str(device),
+                     "threads": torch.get_num_threads(), "image_size": image_size, "seed": seed, "compile": compile,
+                     "what": "eval-mode forward under torch.inference_mode; exported ELA = the model with pruned "
+                             "attention removed and attention BN folded into the value conv "
+                             "(elanet.export.strip_pruned + fold_attention_bn), as elanet export writes it"},
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpu_count": os.cpu_count(), "loadavg_1min": load,
+                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"},
+        "versions": _versions(),
+        "results": results,
+        "targets": infer_targets(results),
+    }
+
+
+def format_infer_table(report: dict[str, Any]) -> str:
+    """Median forward time per batch, ratio to plain, overhead and the issue target per ELA row."""
+    res, targets = report["results"], {(t["depth"], t["batch_size"], t["variant"]): t for t in report["targets"]}
+    head = f"{'model':<16} {'variant':<18} {'batch':>5} {'fwd ms':>9} {'xplain':>6} {'+ms':>8} {'limit ms':>9} {'target':>6} {'GMACs':>7} {'Mparams':>7}"
+    lines = [head, "-" * len(head)]
+    for r in res:
+        plain = next(o for o in res if o["depth"] == r["depth"] and o["batch_size"] == r["batch_size"] and o["variant"] == "plain")
+        t = targets.get((r["depth"], r["batch_size"], r["variant"]))
+        limit, met = (f"{1e3 * t['limit_s']:.2f}", "met" if t["met"] else "MISSED") if t else ("-", "-")
+        lines.append(f"{r['model']:<16} {r['variant']:<18} {r['batch_size']:>5} {1e3 * r['median_s']:>9.2f} "
+                     f"{r['median_s'] / plain['median_s']:>6.2f} {1e3 * (r['median_s'] - plain['median_s']):>+8.2f} "
+                     f"{limit:>9} {met:>6} {r['gmacs']:>7.4f} {r['mparams']:>7.3f}")
+    return "\n".join(lines)

@@ -96,7 +96,7 @@ class LayerMemory:
             buffer starts small and doubles as needed.
     """
 
-    __slots__ = ("keys", "_values", "_link")
+    __slots__ = ("keys", "_values", "_link", "_traced")
 
     def __init__(self, capacity: int | None = None) -> None:
         if capacity is not None and capacity < 0:
@@ -104,9 +104,10 @@ class LayerMemory:
         self.keys: list[Tensor] = []  # each [B, heads, d]
         self._values = _Values(capacity)
         self._link: Tensor | None = None  # carries the earlier values' gradient partial sums backwards
+        self._traced: list[Tensor] = []  # values stored under torch.compile (see retrieve)
 
     def __len__(self) -> int:
-        return self._values.len
+        return self._values.len + len(self._traced)
 
     @property
     def values(self) -> list[Tensor]:
@@ -126,12 +127,13 @@ class LayerMemory:
             outs.append(out)
         return outs
 
-    @torch.compiler.disable
     def retrieve(self, weights: Tensor, value: Tensor) -> Tensor:
         """Store ``value`` as the newest layer, then aggregate all stored values (paper eq. 5).
 
-        Under ``torch.compile`` this is a graph break: the retrieval runs eagerly, with the same
-        gradients.
+        Three paths compute the same sum: with gradients, the custom autograd below (eagerly; under
+        ``torch.compile`` it would be a graph break); under ``torch.compile``, plain differentiable
+        ops that the compiler traces and differentiates (no graph break); without gradients
+        (inference, ``torch.export`` / ONNX), plain ops on the stage's buffer.
 
         Args:
             weights: attention ``[B, heads, n]`` over the ``n = len(self) + 1`` layers, newest last: a
@@ -149,7 +151,32 @@ class LayerMemory:
             raise ValueError(f"weights {tuple(weights.shape)} do not fit a value of shape {tuple(value.shape)}")
         if self._values.shape is not None and value.shape != self._values.shape:
             raise ValueError(f"value shape {tuple(value.shape)} differs from the stage's {tuple(self._values.shape)}")
+        if not torch.is_grad_enabled():
+            return self._retrieve_inference(weights, value)
+        if torch.compiler.is_compiling():
+            self._traced.append(value)
+            return aggregate(weights, self._traced)
+        return self._retrieve_autograd(weights, value)
+
+    @torch.compiler.disable
+    def _retrieve_autograd(self, weights: Tensor, value: Tensor) -> Tensor:
         out, self._link = _Retrieve.apply(weights, value, self._link, self._values)
+        return out
+
+    # --- inference path: no autograd, plain tensor ops, so torch.export / ONNX can trace it -------------
+    def _retrieve_inference(self, weights: Tensor, value: Tensor) -> Tensor:
+        """The forward of :class:`_Retrieve` without the custom autograd (used when grad is disabled)."""
+        b, heads, n = weights.shape
+        v = self._values
+        v.store(value, heads)
+        if n == 1:  # a softmax over one layer is exactly 1: o_1 = v_1
+            return value
+        stacked = _per_head(v.buf, n)  # [B*heads, n, X], a view of the stage's buffer
+        o = torch.bmm(weights.reshape(b * heads, 1, n).to(stacked.dtype), stacked)
+        if not v.channels_last:
+            return o.view(value.shape)
+        out = torch.empty_like(value, memory_format=torch.channels_last)
+        _heads(out, heads, True).copy_(o.view(v.slot(0, heads).shape))
         return out
 
 

@@ -8,6 +8,8 @@ Example::
     elanet bench --depths 56 110 --out bench.json          # CIFAR input, CPU, 2 threads, batch 64
     elanet bench --depths 50 --batch-size 16 --steps 5     # ImageNet ResNet-50 at 224x224
     elanet bench --depths 56 --run runs/ela56              # adds the final mask of a training run
+    elanet bench --mode infer --depths 56 110              # eval forward: plain, MRLA-B, exported ELA 0/50/100 %
+    elanet bench --depths 56 --compile                     # the same steps through torch.compile
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ import sys
 
 import torch
 
-from ..bench import DEFAULT_VARIANTS, FRACTIONS, LAYOUTS, format_table, make_variants, run_benchmark, save_json
+from ..bench import (DEFAULT_VARIANTS, FRACTIONS, INFER_BATCHES, INFER_FRACTIONS, LAYOUTS, format_infer_table, format_table,
+                     make_infer_variants, make_variants, run_benchmark, run_infer_benchmark, save_json)
 from ..training.layout import MEMORY_FORMATS
 from .paths import check_output_file
 
@@ -36,8 +39,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--image-size", type=int, default=None, help="input side (default 32 on CIFAR, 224 on ImageNet)")
     p.add_argument("--drop-path", type=float, default=0.2, help="DropPath rate of the attention branch")
-    p.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS),
-                   help="pruned fractions of the fixed, evenly spread ELA masks")
+    p.add_argument("--mode", choices=["train", "infer"], default="train",
+                   help="train: one training step; infer: eval-mode forward of plain, MRLA-B and exported ELA")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=list(INFER_BATCHES), help="--mode infer: batch sizes")
+    p.add_argument("--compile", action="store_true", help="run every model through torch.compile (inductor)")
+    p.add_argument("--fractions", type=float, nargs="+", default=None,
+                   help=f"pruned fractions of the fixed, evenly spread ELA masks (default {' '.join(f'{f:g}' for f in FRACTIONS)}; "
+                        f"--mode infer: {' '.join(f'{f:g}' for f in INFER_FRACTIONS)})")
     p.add_argument("--no-kl", action="store_true", help="leave out 'ELA 0%% +KL' (KL scores accumulated every step)")
     p.add_argument("--run", default=None,
                    help="training run folder: adds 'ELA run' with the final mask of its pruning.json")
@@ -52,11 +60,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _command(args: argparse.Namespace) -> str:
     """The full command line, every setting spelled out."""
-    words = ["elanet", "bench", "--depths", *map(str, args.depths)]
-    if args.variants:
+    words = ["elanet", "bench", *(["--mode", "infer"] if args.mode == "infer" else []), "--depths", *map(str, args.depths)]
+    if args.variants and args.mode == "train":
         words += ["--variants", *args.variants]
-    words += ["--batch-size", str(args.batch_size),
-              "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
+    words += ["--batch-sizes", *map(str, args.batch_sizes)] if args.mode == "infer" else ["--batch-size", str(args.batch_size)]
+    words += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
               "--device", args.device, "--drop-path", f"{args.drop_path:g}", "--fractions", *(f"{f:g}" for f in args.fractions),
               "--memory-format", args.memory_format, "--amp", args.amp, "--seed", str(args.seed), "--out", args.out]
     if args.image_size:
@@ -65,6 +73,8 @@ def _command(args: argparse.Namespace) -> str:
         words.append("--no-kl")
     if args.run:
         words += ["--run", args.run]
+    if args.compile:
+        words.append("--compile")
     return shlex.join(words)
 
 
@@ -83,17 +93,35 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    variants = make_variants(args.depths, variants=args.variants, fractions=args.fractions, measure_kl=not args.no_kl, run_dir=args.run)
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    if args.mode == "infer":
+        return _run_infer(args, log)
+    args.fractions = list(FRACTIONS) if args.fractions is None else args.fractions
+    variants = make_variants(args.depths, variants=args.variants, fractions=args.fractions, measure_kl=not args.no_kl, run_dir=args.run)
     if log:
         log(f"benchmarking {len(variants)} variants on {args.device} ({args.threads} threads), batch {args.batch_size}")
     report = run_benchmark(
         variants, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, device=args.device,
-        image_size=args.image_size, drop_path=args.drop_path, seed=args.seed, log=log,
+        image_size=args.image_size, drop_path=args.drop_path, seed=args.seed, compile=args.compile, log=log,
         memory_formats=LAYOUTS if args.memory_format == "both" else (args.memory_format,), amp=args.amp,
     )
     report["command"] = _command(args)
     print(format_table(report))
     path = save_json(report, args.out)
     print(f"saved {path}")
+    return 0
+
+
+def _run_infer(args: argparse.Namespace, log) -> int:
+    if args.run or args.no_kl:
+        raise ValueError("--run and --no-kl belong to --mode train: drop them for --mode infer")
+    args.fractions = list(INFER_FRACTIONS) if args.fractions is None else args.fractions
+    variants = make_infer_variants(args.depths, fractions=args.fractions)
+    if log:
+        log(f"benchmarking the forward of {len(variants)} variants at batch {args.batch_sizes} on {args.device} ({args.threads} threads)")
+    report = run_infer_benchmark(variants, batch_sizes=args.batch_sizes, steps=args.steps, warmup=args.warmup, device=args.device,
+                                 image_size=args.image_size, seed=args.seed, compile=args.compile, log=log)
+    report["command"] = _command(args)
+    print(format_infer_table(report))
+    print(f"saved {save_json(report, args.out)}")
     return 0

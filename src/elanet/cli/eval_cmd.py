@@ -1,10 +1,13 @@
-"""``elanet eval CHECKPOINT``: top-1 / top-5 of a checkpoint with its pruned structure restored."""
+"""``elanet eval CHECKPOINT``: top-1 / top-5 of a checkpoint with its pruned structure restored, or of a
+model written by ``elanet export`` (.pt2 / .onnx)."""
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from ..data import DATASETS, build_data
+from ..export import FORMATS, load_exported
 from ..pruning import ela_blocks, get_mask
 from ..training.checkpoint import load_checkpoint, model_from_checkpoint
 from ..training.distributed import resolve_device
@@ -12,7 +15,7 @@ from ..training.trainer import evaluate
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a .pt file or a run folder (its best.pt)")
+    p.add_argument("checkpoint", help="a .pt file, a run folder (its best.pt), or a .pt2 / .onnx file from `elanet export`")
     p.add_argument("--dataset", choices=DATASETS, help="default: the dataset the checkpoint was trained on")
     p.add_argument("--data-dir", help="default: the checkpoint's")
     p.add_argument("--batch-size", type=int, default=256)
@@ -22,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if Path(args.checkpoint).suffix in FORMATS:
+        return _run_exported(args)
     ckpt = load_checkpoint(args.checkpoint)
     device = resolve_device(args.device)
     cfg = ckpt["config"]
@@ -48,4 +53,29 @@ def run(args: argparse.Namespace) -> int:
         act = f" | ELA blocks active {sum(mask)}/{len(mask)}" if mask else ""
         print(f"{ckpt['model_name']} (epoch {ckpt.get('epoch')}) on {dataset}: top-1 {res['top1']:.2f}% top-5 {res['top5']:.2f}% "
               f"loss {res['loss']:.4f} over {res['n']} images{act}")
+    return 0
+
+
+def _run_exported(args: argparse.Namespace) -> int:
+    """Evaluate a .pt2 / .onnx file; its metadata names the dataset and the classifier size."""
+    device = resolve_device(args.device)
+    model, meta = load_exported(args.checkpoint, device=device)
+    if "dataset" not in meta and not args.dataset:
+        raise ValueError(f"{args.checkpoint} carries no dataset name: pass --dataset (and --data-dir)")
+    dataset = args.dataset or meta["dataset"]
+    data = build_data(dataset, data_dir=args.data_dir or meta.get("data_dir"), batch_size=args.batch_size,
+                      eval_batch_size=args.batch_size, device=device, workers=4, image_size=meta.get("image_size"))
+    if data.num_classes != meta.get("num_classes", data.num_classes) or data.image_size != meta.get("image_size", data.image_size):
+        raise ValueError(f"{dataset} has {data.num_classes} classes at {data.image_size}px but the exported model expects "
+                         f"{meta.get('num_classes')} at {meta.get('image_size')}px: evaluate on the dataset it was trained on")
+    res = evaluate(model, data.test)
+    mask = meta.get("mask") or []
+    res.update(model=meta.get("model_name"), dataset=dataset, epoch=meta.get("epoch"), active=sum(mask), ela_blocks=len(mask),
+               exported=str(args.checkpoint), params=meta.get("params"))
+    if args.json:
+        print(json.dumps(res))
+    else:
+        act = f" | ELA blocks active {sum(mask)}/{len(mask)}" if mask else ""
+        print(f"{meta.get('model_name')} exported ({Path(args.checkpoint).name}) on {dataset}: top-1 {res['top1']:.2f}% "
+              f"top-5 {res['top5']:.2f}% loss {res['loss']:.4f} over {res['n']} images{act}")
     return 0

@@ -7,7 +7,7 @@ from ..training.config import PRESETS, TrainConfig, load_run_config, resolve_con
 from ..training.layout import MEMORY_FORMATS
 from . import UsageError
 
-RUNTIME = ("device", "workers", "threads", "epochs", "plots", "tensorboard", "memory_format")  # what --resume may change
+RUNTIME = ("device", "workers", "threads", "epochs", "plots", "tensorboard", "memory_format", "compile")  # what --resume may change
 
 
 def _windows(text: str) -> list[list[int]]:
@@ -47,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-dir", help="dataset folder (CIFAR: torchvision's layout; imagenet/folder: train/ and val/)")
     g.add_argument("--download", action="store_const", const=True, help="download CIFAR into --data-dir (needs internet)")
     g.add_argument("--image-size", type=int, help="crop size for imagenet/folder (default 224)")
+    g.add_argument("--pretrained", metavar="SOURCE",
+                   help="start from pretrained backbone weights: a file, or torchvision:NAME / timm:NAME from the local cache "
+                        "(e.g. timm:resnet50c for the deep-stem MRLA-B/ELA ResNet-50); attention starts near zero")
     g.add_argument("--preset", choices=sorted(PRESETS), help="paper recipe (default: the dataset's)")
     g.add_argument("--config", help="YAML file of settings; command-line flags override it")
     g = p.add_argument_group("run folder")
@@ -82,6 +85,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tensor layout: auto (default: the device's faster one, channels_last on CPU and CUDA), channels_last or contiguous")
     g.add_argument("--channels-last", dest="memory_format", action="store_const", const="channels_last",
                    help="the same as --memory-format channels_last (kept for older commands)")
+    g.add_argument("--compile", action="store_const", const=True,
+                   help="torch.compile the training step (inductor); recompiles once after every pruning round")
     g.add_argument("--workers", type=int, help="DataLoader workers for imagenet/folder")
     g.add_argument("--threads", type=int, help="CPU threads for torch")
     g.add_argument("--no-plots", dest="plots", action="store_const", const=False, help="do not draw figures into the run folder")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+import signal
 import sys
 from typing import Iterator, NamedTuple, Sequence
 
@@ -78,6 +79,19 @@ class EpochSeededDataset(Dataset):
             return self.transform(img), label
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker set-up: leave Ctrl-C, SIGTERM and SIGUSR1 to the training process.
+
+    SLURM's ``scancel`` (and ``kill`` of a process group) signals every process of the job; a worker
+    killed by it made the trainer fail with "DataLoader worker ... is killed by signal" instead of
+    saving. The trainer finishes its step, saves and closes the workers itself; a worker also exits
+    when its parent dies.
+    """
+    for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 class Unreadable(NamedTuple):
     """A file of the dataset that could not be decoded: left out of its batch, reported once."""
 
@@ -136,6 +150,7 @@ class FolderLoader:
         self.skipped: dict[str, str] = {}  # unreadable file -> reason
         self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
                                  pin_memory=device.type == "cuda", collate_fn=collate_readable,
+                                 worker_init_fn=ignore_stop_signals if workers else None,
                                  drop_last=train and len(self.sampler) >= batch_size)
         shape = (1, -1, 1, 1)
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(shape)

@@ -1,5 +1,7 @@
 """Backbones: CIFAR and ImageNet ResNets, plain or with one attention variant (MRLA, ELA or a Table 1-2 baseline)."""
+from .pretrained import PretrainedReport, load_pretrained
 from .registry import create_model, list_models, list_variants, model_info
 from .resnet import BasicBlock, Bottleneck, ResNet, Stage
 
-__all__ = ["create_model", "list_models", "list_variants", "model_info", "BasicBlock", "Bottleneck", "ResNet", "Stage"]
+__all__ = ["create_model", "list_models", "list_variants", "model_info", "BasicBlock", "Bottleneck", "ResNet", "Stage",
+           "load_pretrained", "PretrainedReport"]

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..models import create_model
+from ..models.pretrained import load_state_dict_checked
 from .run_dir import disk_error
 
 __all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "resolve_checkpoint", "model_from_checkpoint",
@@ -155,5 +156,6 @@ def model_from_checkpoint(ckpt: dict[str, Any], *, device: str | torch.device = 
     if missing:
         raise ValueError(f"the checkpoint lacks {', '.join(missing)}: it is not a classification checkpoint of `elanet train`")
     model = create_model(ckpt["model_name"], num_classes=ckpt["num_classes"], in_chans=ckpt["in_chans"])
-    model.load_state_dict(ckpt["model"])  # each ELA block's `active` flag travels as module extra state
+    # each ELA block's `active` flag travels as module extra state; old `stem.*` names are upgraded
+    load_state_dict_checked(model, ckpt["model"])
     return model.to(device)

@@ -100,6 +100,7 @@ class RunConfig:
     amp: str = "none"  # none | bf16 | fp16
     memory_format: str = "auto"  # auto (the device's faster layout, training/layout.py) | channels_last | contiguous
     channels_last: bool = False  # deprecated: the same as memory_format="channels_last" (configs of older runs)
+    compile: bool = False  # torch.compile the training forward/backward (recompiles after each pruning round)
     threads: int | None = None
     plots: bool = True
     tensorboard: bool = True
@@ -169,6 +170,7 @@ class TrainConfig(RunConfig):
     drop_path: float = 0.0
     label_smoothing: float = 0.0
     workers: int = 4
+    pretrained: str | None = None  # backbone weights: a file, 'torchvision:resnet50' or 'timm:resnet50c' (local cache)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the fix for any setting of the wrong type or out of range."""

@@ -267,18 +267,19 @@ def _fit(task: Task, cfg: RunConfig, info: DistInfo, device: torch.device, folde
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                writer = SummaryWriter(str(run / "tb"))
+                # on resume, drop events of epochs after the checkpoint (a crash between log and checkpoint)
+                writer = SummaryWriter(str(run / "tb"), purge_step=start_epoch if ckpt is not None else None)
             except ImportError:
                 writer = None
         log(f"run folder {run} | {cfg.model} | {device} x{info.world_size}"
             + (f" | resuming after epoch {start_epoch - 1}" + (f", step {skip}" if skip else "") if ckpt else ""))
 
     def wrap() -> nn.Module:
-        if not info.enabled:
-            return model
         # Rebuilt after every pruning round: parameters of pruned blocks no longer require grad, so the
         # new DDP reducer does not wait for gradients that will never come.
-        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **parts.ddp_kwargs)
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **parts.ddp_kwargs) if info.enabled else model
+        # torch.compile guards on every block's `active` flag: the first step after a pruning round recompiles
+        return torch.compile(net) if getattr(cfg, "compile", False) else net
 
     def checkpoint(epoch: int, step: int, sums: Tensor | None) -> dict[str, Any] | None:
         """Every rank's own state gathered; the whole checkpoint on rank 0 (None elsewhere)."""
@@ -294,6 +295,8 @@ def _fit(task: Task, cfg: RunConfig, info: DistInfo, device: torch.device, folde
             "best": best, "mask": get_mask(model) if n_ela else [],
         }
 
+    if getattr(cfg, "compile", False):  # one compilation per mask and recording state: more than dynamo's default 8
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     net = wrap()
     interactive = info.main and sys.stderr.isatty()
     last_saved = start_epoch - 1 if ckpt is not None else 0

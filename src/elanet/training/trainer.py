@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..attention import MRLABase
 from ..data import build_data
-from ..models import create_model
+from ..models import create_model, load_pretrained
 from .config import TrainConfig
 from .core import Context, Parts, autocast, fit, lr_at
 from .distributed import all_reduce_sum
@@ -59,8 +59,10 @@ class Classification:
             cfg.dataset, data_dir=cfg.data_dir, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
             device=ctx.device, workers=cfg.workers, download=cfg.download, rank=ctx.info.rank,
             world_size=ctx.info.world_size, seed=cfg.seed, image_size=cfg.image_size)
-        model = create_model(cfg.model, num_classes=data.num_classes, in_chans=data.in_chans,
-                             drop_path=cfg.drop_path).to(ctx.device)
+        model = create_model(cfg.model, num_classes=data.num_classes, in_chans=data.in_chans, drop_path=cfg.drop_path)
+        if cfg.pretrained and not (ctx.run / "last.pt").is_file():  # on resume the checkpoint holds the weights
+            ctx.log(f"pretrained {cfg.pretrained}: {load_pretrained(model, cfg.pretrained).summary()}")
+        model = model.to(ctx.device)
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         return Parts(model, optimizer, data.train)
 

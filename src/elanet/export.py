@@ -1,0 +1,283 @@
+"""Export a (pruned) model for deployment: the attention of pruned blocks removed, as .pt2 or ONNX.
+
+A pruned ELA block does no attention work (paper eq. 16), but during training it keeps its
+parameters so that the mask can be checkpointed and resumed. :func:`strip_pruned` makes that
+removal physical: the attention module of every pruned block is deleted, so its parameters are
+gone from the model; :func:`fold_attention_bn` folds the attention BN of a stage's only remaining
+block into its value convolution. :func:`export_model` then traces the stripped model in eval mode with
+``torch.export`` (batch size dynamic, image size fixed) and writes
+
+- ``.pt2``: a ``torch.export`` program, loadable with ``torch.export.load`` alone (no elanet);
+- ``.onnx``: the same graph as ONNX (needs the ``onnx`` extra: onnx, onnxscript, onnxruntime).
+
+The file is written atomically, next to its destination then renamed, after its outputs were
+checked against the model's eval-mode outputs. :func:`load_exported` reads either format back as a
+module with the metadata saved beside the graph (model name, classes, normalisation, ...).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .attention import MRLABase
+from .profile import Profile, profile
+
+__all__ = ["FORMATS", "ExportReport", "strip_pruned", "fold_attention_bn", "export_model", "load_exported", "ExportedModel"]
+
+FORMATS = (".pt2", ".onnx")
+META_KEY = "elanet.json"  # the metadata entry: an extra file of the .pt2 archive, a metadata_props key in ONNX
+EXPORT_FORMAT = "elanet-export-v1"
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What :func:`export_model` wrote: sizes before / after removing pruned attention, and the check.
+
+    ``before`` profiles the model as given: its parameters include the pruned attention, its MACs
+    do not (a pruned block already skips that work); ``unpruned_macs`` is the cost with every block
+    active, i.e. what pruning saved.
+    """
+
+    path: Path
+    before: Profile
+    after: Profile
+    unpruned_macs: int
+    removed_modules: int
+    max_abs_diff: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        b, a = self.before, self.after
+        return (f"params {b.mparams:.4f}M -> {a.mparams:.4f}M ({b.params - a.params:,d} removed with "
+                f"{self.removed_modules} pruned attention modules) | GMACs {b.gmacs:.4f} -> {a.gmacs:.4f} "
+                f"(unpruned {self.unpruned_macs / 1e9:.4f}) | max |exported - model| {self.max_abs_diff:.2e} | wrote {self.path}")
+
+
+def strip_pruned(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in eval mode without the attention module of any pruned block.
+
+    A pruned block already returns its plain residual output (paper eq. 16); here its ``attn``
+    attribute becomes ``None``, so its parameters leave the model. The input model is unchanged.
+    """
+    stripped = copy.deepcopy(model).eval()
+    for block in stripped.modules():
+        attn = getattr(block, "attn", None)
+        if isinstance(attn, MRLABase) and not attn.active:
+            block.attn = None
+    return stripped
+
+
+@torch.no_grad()
+def fold_attention_bn(model: nn.Module) -> nn.Module:
+    """Fold the eval-mode attention BN of every stage's *only* active MRLA-B / ELA block into its value conv.
+
+    Such a block retrieves from itself alone: its attention is a softmax over one layer, exactly 1,
+    so its branch is ``ReLU(BN(conv_v(x)))`` and the per-channel affine BN folds into the depthwise
+    kernel and a bias (one full-size pass less). Where a stage keeps several active blocks, a value
+    is also read by later blocks under their own BN, so nothing is folded there. In place; for
+    inference only (the running statistics are frozen in).
+    """
+    from .models.resnet import Stage
+
+    for stage in model.modules():
+        if not isinstance(stage, Stage):
+            continue
+        active = [m for m in stage.modules() if isinstance(m, MRLABase) and m.active]
+        if len(active) != 1 or not isinstance(active[0].bn, nn.BatchNorm2d) or not active[0].bn.track_running_stats:
+            continue
+        m = active[0]
+        bn, conv = m.bn, m.conv_v
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding,
+                          groups=conv.groups, bias=True).to(conv.weight.device, conv.weight.dtype)
+        fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+        fused.bias.copy_(bn.bias - bn.running_mean * scale)
+        m.conv_v, m.bn = fused, nn.Identity()
+    return model
+
+
+def _removed(model: nn.Module) -> int:
+    return sum(isinstance(m, MRLABase) and not m.active for m in model.modules())
+
+
+def _check_out(path: Path) -> None:
+    if path.suffix not in FORMATS:
+        raise ValueError(f"cannot tell the format of {path}: end --out with {' or '.join(FORMATS)}")
+    parent = path.parent
+    if not parent.is_dir():
+        raise ValueError(f"output folder {parent} does not exist: create it or choose another --out")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder: give a file name ending in {path.suffix}")
+    try:  # a real write test (access() says yes to root everywhere)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+    except OSError as e:
+        raise ValueError(f"cannot write into {parent} ({e.strerror}): choose another --out") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def export_model(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    input_size: Sequence[int],
+    metadata: dict[str, Any] | None = None,
+    atol: float = 1e-4,
+    rtol: float = 1e-5,
+) -> ExportReport:
+    """Strip pruned attention from ``model``, fold its attention BN, trace it with ``torch.export``, write ``path``.
+
+    The batch dimension stays dynamic; channels and image size are fixed to ``input_size``.
+    Before the file is put in place its outputs are compared with ``model``'s eval-mode outputs on
+    a random batch (the .onnx file through onnxruntime); a difference above
+    ``atol + rtol * max|output|`` is an error.
+
+    Args:
+        model: any elanet model (its ELA mask decides what is removed); left unchanged.
+        path: destination ending in ``.pt2`` or ``.onnx``; its folder must exist and be writable.
+        input_size: ``(C, H, W)`` of one input image.
+        metadata: JSON-serialisable facts stored with the graph (e.g. classes, mean / std).
+        atol, rtol: accepted difference between exported and eager outputs (absolute, and relative
+            to the largest output magnitude).
+
+    Raises:
+        ValueError: unknown suffix, missing or unwritable folder, or outputs that do not match.
+        ImportError: ``.onnx`` without the ``onnx`` extra installed.
+    """
+    path = Path(path)
+    _check_out(path)
+    if path.suffix == ".onnx":
+        _onnx_modules()  # fail before the (slow) trace when the extra is missing
+    size = tuple(int(s) for s in input_size)
+    before = profile(model, size)
+    removed = _removed(model)
+    stripped = fold_attention_bn(strip_pruned(model))
+    after = profile(stripped, size)
+    unpruned = copy.deepcopy(model)
+    for m in unpruned.modules():
+        if isinstance(m, MRLABase):
+            m.active = True
+    unpruned_macs = profile(unpruned, size).macs
+    del unpruned
+    meta = {"format": EXPORT_FORMAT, "input_size": list(size), "params_before": before.params, "params": after.params,
+            "macs_unpruned": unpruned_macs, "macs_before": before.macs, "macs": after.macs, **(metadata or {})}
+
+    param = next(model.parameters(), None)
+    x = torch.randn(2, *size, device=param.device if param is not None else "cpu")
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            expected = model(x)
+            program = torch.export.export(stripped, (x,), dynamic_shapes=({0: batch},), strict=False)
+    finally:
+        model.train(was_training)
+
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        if path.suffix == ".pt2":
+            torch.export.save(program, tmp, extra_files={META_KEY: json.dumps(meta)})
+        else:
+            _save_onnx(program, x, tmp, meta)
+        got = load_exported(tmp)[0](x)
+        diff = (got.to(expected.device) - expected).abs().max().item()
+        limit = atol + rtol * expected.abs().max().item()
+        if not diff <= limit:
+            raise ValueError(f"exported outputs differ from the model's by {diff:.3g} (> {limit:.3g}); nothing was written")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return ExportReport(path, before, after, unpruned_macs, removed, diff, meta)
+
+
+def _onnx_modules():
+    try:
+        import onnx
+        import onnxruntime
+        import onnxscript  # noqa: F401 - the exporter needs it
+    except ImportError as e:
+        raise ImportError(f"ONNX export needs the onnx extra ({e.name} is missing): pip install 'elanet[onnx]'") from None
+    return onnx, onnxruntime
+
+
+def _save_onnx(program: torch.export.ExportedProgram, x: Tensor, path: Path, meta: dict[str, Any]) -> None:
+    onnx, _ = _onnx_modules()
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    onnx_program = torch.onnx.export(program, (x,), dynamo=True, dynamic_shapes=({0: batch},), input_names=["images"],
+                                     output_names=["logits"], verbose=False)
+    proto = onnx_program.model_proto
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = META_KEY, json.dumps(meta)
+    onnx.save(proto, str(path))
+
+
+class ExportedModel(nn.Module):
+    """An exported graph as a module: ``model(images) -> logits`` (eval mode only).
+
+    ``train()`` / ``eval()`` only set the flag: the graph is traced in eval mode and stays so.
+    """
+
+    def __init__(self, run, metadata: dict[str, Any], graph: nn.Module | None = None) -> None:
+        super().__init__()
+        self.graph = graph
+        self._run = run
+        self.metadata = metadata
+        self.training = False
+
+    def train(self, mode: bool = True) -> "ExportedModel":
+        self.training = mode
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._run(x)
+
+
+def load_exported(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[ExportedModel, dict[str, Any]]:
+    """Load a ``.pt2`` or ``.onnx`` file written by :func:`export_model`: the module and its metadata.
+
+    ONNX runs through onnxruntime on the CPU; inputs on another device are copied over and back.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a file written by ``elanet export``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"exported model {path} does not exist: write it with `elanet export`")
+    if path.suffix == ".pt2":
+        extra = {META_KEY: ""}
+        try:
+            program = torch.export.load(path, extra_files=extra)
+        except Exception as e:  # noqa: BLE001 - any unreadable archive is the same user error
+            raise ValueError(f"{path} is not a readable torch.export program ({type(e).__name__}): export it again") from None
+        meta = json.loads(extra[META_KEY]) if extra[META_KEY] else {}
+        graph = program.module().to(device)
+        return ExportedModel(graph, meta, graph), meta
+    if path.suffix == ".onnx":
+        onnx, ort = _onnx_modules()
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"{path} is not a readable ONNX model ({type(e).__name__}): export it again") from None
+        meta = next((json.loads(p.value) for p in proto.metadata_props if p.key == META_KEY), {})
+        name = session.get_inputs()[0].name
+
+        def run(x: Tensor) -> Tensor:
+            out = session.run(None, {name: x.detach().cpu().float().numpy()})[0]
+            return torch.from_numpy(out).to(x.device)
+
+        return ExportedModel(run, meta), meta
+    raise ValueError(f"cannot load {path}: exported models end in {' or '.join(FORMATS)}")

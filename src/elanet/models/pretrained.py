@@ -1,0 +1,271 @@
+"""Start a model from pretrained ImageNet weights: torchvision / timm models, files, or the local cache (SPEC §7).
+
+elanet's ResNets name their parameters as torchvision and timm do (7x7 stem ``conv1`` / ``bn1``; the
+deep stem is timm's ``conv1`` Sequential + ``bn1``), so a backbone's weights load by name. What a
+pretrained ResNet lacks is the attention: those parameters, and the classifier when the class
+count differs, are the only keys allowed to be missing. Anything else that does not fit (a deeper
+ResNet, the 7x7 stem into a deep-stem model, ...) is refused with the first keys that differ.
+
+The attention then starts so that the network computes (almost) what the pretrained one computes,
+while its branch can still learn (SPEC §7): MRLA-B / ELA add ``ReLU(BN(o))`` to the block output,
+so their attention BN starts at a small gamma (``ReLU`` of an all-zero BN would pass no gradient);
+MRLA-L / DLA-L add ``BN(a)``, which learns from gamma = 0.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["load_pretrained", "PretrainedReport", "upgrade_state_dict", "resolve_source", "init_attention",
+           "load_state_dict_checked", "MRLA_B_GAMMA"]
+
+MRLA_B_GAMMA = 1e-2  # SPEC §7: small, so the start is close to the pretrained net and ReLU still passes gradient
+_ATTENTION = re.compile(r"(^|\.)(attn|context)\.|^final\.")  # a block's attention, a stage context, the final module
+_SHOWN = 3  # mismatched keys named in an error
+
+
+@dataclass(frozen=True)
+class PretrainedReport:
+    """What :func:`load_pretrained` did.
+
+    Attributes:
+        loaded: parameter / buffer keys copied from the source.
+        missing: model keys the source does not have (attention, maybe the classifier), left as built.
+        classifier_reset: whether the source's classifier was skipped (class counts differ).
+        initialised: attention modules given a pretrained-friendly start, by class name.
+    """
+
+    loaded: int
+    missing: list[str]
+    classifier_reset: bool
+    initialised: dict[str, int]
+
+    def summary(self) -> str:
+        init = ", ".join(f"{n} x{k}" for n, k in self.initialised.items()) or "none"
+        return (f"loaded {self.loaded} pretrained tensors; {len(self.missing)} attention/classifier tensors start fresh"
+                f"{' (classifier reset: class counts differ)' if self.classifier_reset else ''}; attention initialised: {init}")
+
+
+def resolve_source(source: Any) -> dict[str, Tensor]:
+    """A state dict from a model, a state dict, a file, or ``'torchvision:NAME'`` / ``'timm:NAME[.TAG]'`` in the cache.
+
+    Cached names are only read from the local caches (torch hub's ``checkpoints/`` folder, the
+    Hugging Face hub cache); nothing is downloaded.
+
+    Raises:
+        FileNotFoundError: a file or cached weight that is not there (the message says where it looked).
+        ValueError: a source of the wrong kind or an unreadable file.
+    """
+    if isinstance(source, nn.Module):
+        return dict(source.state_dict())
+    if isinstance(source, Mapping):
+        return _unwrap(dict(source), "the given mapping")
+    if not isinstance(source, (str, os.PathLike)):
+        raise ValueError(f"pretrained source must be a model, a state_dict, a file or 'torchvision:NAME' / 'timm:NAME', "
+                         f"got {type(source).__name__}")
+    text = str(source)
+    if text.startswith("torchvision:"):
+        return _read(_torchvision_cached(text.split(":", 1)[1]))
+    if text.startswith("timm:"):
+        return _read(_timm_cached(text.split(":", 1)[1]))
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights {path} not found: pass a file, or 'torchvision:resnet50' / 'timm:resnet50c' "
+                                f"when those weights are in the local cache")
+    return _read(path)
+
+
+def _unwrap(sd: dict[str, Any], where: str) -> dict[str, Tensor]:
+    """The tensors of a plain state dict, or of the ``model`` / ``state_dict`` entry of a checkpoint."""
+    for key in ("model", "state_dict", "model_state_dict"):
+        if key in sd and isinstance(sd[key], Mapping):
+            sd = dict(sd[key])
+            break
+    if not sd or not all(isinstance(k, str) for k in sd):
+        raise ValueError(f"{where} holds no state dict (parameter name -> tensor)")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}  # DDP-saved weights
+
+
+def _read(path: Path) -> dict[str, Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return _unwrap(load_file(str(path)), str(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (ValueError, FileNotFoundError):
+        raise
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ValueError(f"cannot read pretrained weights from {path} ({type(e).__name__}): pass a state_dict file saved by torch.save") from None
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    return _unwrap(dict(obj), str(path))
+
+
+def _torchvision_cached(name: str) -> Path:
+    import torchvision
+
+    try:
+        url = torchvision.models.get_model_weights(name).DEFAULT.url
+    except (ValueError, KeyError):
+        raise ValueError(f"torchvision has no model {name!r} with weights (e.g. torchvision:resnet50)") from None
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    if not path.is_file():
+        raise FileNotFoundError(f"torchvision:{name} is not in the local cache ({path}); nothing is downloaded here: fetch it "
+                                f"where there is internet (torchvision.models.{name}(weights='DEFAULT')) and copy it there, or pass a file")
+    return path
+
+
+def _timm_cached(name: str) -> Path:
+    try:
+        import timm
+    except ImportError:
+        raise ValueError("timm:NAME needs timm installed (pip install timm), or pass a file") from None
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        raise ValueError(f"timm has no pretrained weights named {name!r} (e.g. timm:resnet50c, timm:resnet50.a1_in1k)")
+    looked = []
+    if cfg.hf_hub_id:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            for file in ("model.safetensors", "pytorch_model.bin"):
+                hit = try_to_load_from_cache(cfg.hf_hub_id, file)
+                if isinstance(hit, str):
+                    return Path(hit)
+            looked.append(f"Hugging Face cache {cfg.hf_hub_id}")
+        except ImportError:
+            pass
+    if cfg.url:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)
+        if path.is_file():
+            return path
+        looked.append(str(path))
+    raise FileNotFoundError(f"timm:{name} is not in the local cache (looked in {'; '.join(looked) or 'nothing'}); nothing is "
+                            f"downloaded here: fetch it where there is internet (timm.create_model({name!r}, pretrained=True)), "
+                            f"or pass a file")
+
+
+def upgrade_state_dict(state_dict: Mapping[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """Rename the ``stem.*`` keys of checkpoints written before the stem took torchvision / timm names.
+
+    Old stems were one Sequential: ``stem.0`` conv, ``stem.1`` BN (CIFAR and 7x7), and for the deep stem
+    ``stem.0/1/3/4/6`` convs and BNs then ``stem.7`` BN. Other keys pass unchanged.
+    """
+    if not any(k.startswith("stem.") for k in state_dict):
+        return dict(state_dict)
+    deep = isinstance(getattr(model, "conv1", None), nn.Sequential)
+    table = {"7": "bn1", **{i: f"conv1.{i}" for i in ("0", "1", "3", "4", "6")}} if deep else {"0": "conv1", "1": "bn1"}
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith("stem."):
+            index, _, rest = k[len("stem."):].partition(".")
+            if index not in table:
+                raise ValueError(f"unknown old stem key {k!r}: this checkpoint's stem does not fit {type(model).__name__}'s")
+            k = f"{table[index]}.{rest}"
+        out[k] = v
+    return out
+
+
+def _fmt(keys: list[str]) -> str:
+    return ", ".join(keys[:_SHOWN]) + (f" (+{len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else "")
+
+
+def _hint(missing: list[str], unexpected: list[str]) -> str:
+    if "conv1.weight" in unexpected and any(k.startswith("conv1.0.") for k in missing):
+        return ": these are 7x7-stem weights but the model has the deep stem (MRLA-B / ELA ImageNet models): use timm:resnet50c / resnet101c"
+    if "conv1.0.weight" in unexpected and "conv1.weight" in missing:
+        return ": these are deep-stem weights but the model has the 7x7 stem: use torchvision:resnet50 / timm:resnet50"
+    if any(re.match(r"layer\d+\.\d+\.", k) for k in unexpected + missing):
+        return ": the source has a different number of blocks (e.g. ResNet-101 weights for a ResNet-50): pick the matching depth"
+    return ""
+
+
+def load_pretrained(model: nn.Module, source: Any, *, attention_gamma: float = MRLA_B_GAMMA) -> PretrainedReport:
+    """Load backbone weights into ``model`` and give its attention a pretrained-friendly start (SPEC §7).
+
+    Args:
+        model: an elanet ResNet (any variant).
+        source: a torchvision / timm model, a state dict, a file (``torch.save`` state dict, an elanet
+            checkpoint, ``.safetensors``), or ``'torchvision:NAME'`` / ``'timm:NAME[.TAG]'`` read from
+            the local cache only.
+        attention_gamma: starting gamma of the MRLA-B / ELA attention BN.
+
+    Returns:
+        A :class:`PretrainedReport`.
+
+    Raises:
+        ValueError: keys or shapes that do not fit, other than missing attention (and a classifier of
+            another class count); the message names the first few.
+        FileNotFoundError: a file or cached weight that is not there.
+    """
+    src = upgrade_state_dict(resolve_source(source), model)
+    own = model.state_dict()
+    classifier_reset = False
+    fc_w = next((k for k in ("fc.weight", "head.fc.weight", "classifier.weight") if k in own), None)
+    fc = fc_w[: -len("weight")] if fc_w else None  # "fc."
+    if fc_w and fc_w in src and src[fc_w].shape != own[fc_w].shape:
+        src = {k: v for k, v in src.items() if not k.startswith(fc)}
+        classifier_reset = True
+    unexpected = [k for k in src if k not in own]
+    missing = [k for k in own if k not in src]
+    shapes = [f"{k} {tuple(src[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in src and isinstance(own[k], Tensor) and isinstance(src[k], Tensor) and src[k].shape != own[k].shape]
+    not_attention = [k for k in missing if not _ATTENTION.search(k) and not (classifier_reset and k.startswith(fc))]
+    if unexpected or not_attention or shapes:
+        parts = []
+        if shapes:
+            parts.append(f"shapes differ: {_fmt(shapes)}")
+        if unexpected:
+            parts.append(f"not in the model: {_fmt(unexpected)}")
+        if not_attention:
+            parts.append(f"missing from the weights: {_fmt(not_attention)}")
+        name = getattr(model, "name", type(model).__name__)
+        raise ValueError(f"pretrained weights do not fit {name}: {'; '.join(parts)}{_hint(not_attention, unexpected)}")
+    model.load_state_dict(src, strict=False)
+    initialised = init_attention(model, gamma=attention_gamma) if any(_ATTENTION.search(k) for k in missing) else {}
+    return PretrainedReport(len(src), missing, classifier_reset, initialised)
+
+
+@torch.no_grad()
+def init_attention(model: nn.Module, *, gamma: float = MRLA_B_GAMMA) -> dict[str, int]:
+    """Start every MRLA-family branch near zero: MRLA-B / ELA BN gamma = ``gamma``, MRLA-L / DLA-L gamma = 0.
+
+    Branch-gating modules (SE, ECA, CBAM, BAM, GC, DIA, RLA) keep their own initialisation.
+    """
+    from ..attention import MRLABase, MRLALight
+
+    done: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, (MRLABase, MRLALight)):
+            m.bn.weight.fill_(gamma if isinstance(m, MRLABase) else 0.0)
+            m.bn.bias.zero_()
+            done[type(m).__name__] = done.get(type(m).__name__, 0) + 1
+    return done
+
+
+def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, Tensor], *, what: str = "checkpoint") -> None:
+    """``model.load_state_dict`` (strict) of an elanet state dict, old ``stem.*`` names upgraded.
+
+    Raises:
+        ValueError: one line naming the first keys / shapes that do not fit.
+    """
+    src, own = upgrade_state_dict(state_dict, model), model.state_dict()
+    unexpected = [k for k in src if k not in own]
+    missing = [k for k in own if k not in src]
+    shapes = [f"{k} {tuple(src[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in src and isinstance(own[k], Tensor) and isinstance(src[k], Tensor) and src[k].shape != own[k].shape]
+    if unexpected or missing or shapes:
+        parts = ([f"shapes differ: {_fmt(shapes)}"] if shapes else []) + \
+                ([f"not in the model: {_fmt(unexpected)}"] if unexpected else []) + \
+                ([f"missing from the {what}: {_fmt(missing)}"] if missing else [])
+        name = getattr(model, "name", type(model).__name__)
+        raise ValueError(f"the {what} does not fit {name}: {'; '.join(parts)}")
+    model.load_state_dict(src)

@@ -1,0 +1,40 @@
+"""elanet bench --mode infer: variants, exported (stripped) ELA sizes, the target arithmetic, the JSON."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from elanet.bench import infer_targets
+from elanet.cli import main
+
+
+def _row(variant: str, t: float, f: float | None = None, batch: int = 1) -> dict:
+    return {"depth": 56, "batch_size": batch, "variant": variant, "pruned_fraction": f, "median_s": t}
+
+
+def test_infer_target_is_the_issue_formula():
+    # plain 100 ms, MRLA-B 160 ms (overhead 60); at f = 0.5 the limit is 0.5 * 60 + 5 = 35 ms of overhead
+    rows = infer_targets([_row("plain", 0.100), _row("MRLA-B", 0.160), _row("ELA 50% exported", 0.134, 0.5),
+                          _row("ELA 100% exported", 0.106, 1.0)])
+    assert [r["limit_s"] for r in rows] == pytest.approx([0.035, 0.005])
+    assert [r["overhead_s"] for r in rows] == pytest.approx([0.034, 0.006])
+    assert [r["met"] for r in rows] == [True, False]
+
+
+def test_bench_infer_command(tmp_path, capsys):
+    out = tmp_path / "infer.json"
+    argv = ["bench", "--mode", "infer", "--depths", "20", "--batch-sizes", "1", "3", "--steps", "1", "--warmup", "0",
+            "--threads", "1", "--image-size", "16", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["schema"] == "elanet-bench-infer/1" and report["command"].startswith("elanet bench --mode infer")
+    res = report["results"]
+    labels = ["plain", "MRLA-B", "ELA 0% exported", "ELA 50% exported", "ELA 100% exported"]
+    assert [r["variant"] for r in res] == labels * 2 and [r["batch_size"] for r in res] == [1] * 5 + [3] * 5
+    params = {r["variant"]: r["mparams"] for r in res[:5]}
+    # pruning removes attention parameters from the exported model; unpruned ELA is MRLA-B's size
+    assert params["plain"] < params["ELA 100% exported"] < params["ELA 50% exported"] < params["ELA 0% exported"] == params["MRLA-B"]
+    assert len(report["targets"]) == 6 and all(isinstance(t["met"], bool) for t in report["targets"])
+    assert main(["bench", "--mode", "infer", "--run", str(tmp_path), "--out", str(out)]) == 2
+    assert "belong to --mode train" in capsys.readouterr().err

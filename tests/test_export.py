@@ -1,0 +1,146 @@
+"""elanet export: pruned attention removed, .pt2 / ONNX outputs equal the checkpoint's, eval of exported files."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from elanet import count_params, create_model
+from elanet.cli import main
+from elanet.data import build_data
+from elanet.attention import MRLABase
+from elanet.export import export_model, fold_attention_bn, load_exported, strip_pruned
+from elanet.pruning import get_mask, set_mask
+from elanet.training import TrainConfig, train
+from elanet.training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+
+MASK = [True, False, True, True, True, False]  # ResNet-20 ELA: the second block of stages 1 and 3 pruned
+
+
+@pytest.fixture(scope="module")
+def pruned_run(tmp_path_factory) -> Path:
+    """A one-epoch digits run whose best.pt carries a mask with two pruned blocks."""
+    run = tmp_path_factory.mktemp("runs") / "digits"
+    cfg = TrainConfig(model="resnet20_ela", dataset="digits", out=str(run), epochs=1, warmup_epochs=0, lr=0.02, windows=[],
+                      plots=False, tensorboard=False, threads=1, workers=0)
+    cfg.validate()
+    train(cfg, log=lambda s: None)
+    ckpt = load_checkpoint(run)
+    model = model_from_checkpoint(ckpt)
+    set_mask(model, MASK)
+    ckpt.update(model=model.state_dict(), mask=get_mask(model))
+    save_checkpoint(run / "best.pt", ckpt)
+    return run
+
+
+def _checkpoint_model_and_input(run: Path) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The checkpoint's model in eval mode and five of its test images."""
+    ckpt = load_checkpoint(run)
+    data = build_data("digits", batch_size=5, eval_batch_size=5, device=torch.device("cpu"), workers=0)
+    return model_from_checkpoint(ckpt).eval(), next(iter(data.test))[0]
+
+
+def test_strip_removes_exactly_the_pruned_attention_parameters():
+    model = create_model("resnet20_ela").eval()
+    set_mask(model, MASK)
+    pruned = [b.attn for s in model.stages for b in s if b.attn is not None and not b.attn.active]
+    stripped = strip_pruned(model)
+    assert count_params(stripped) == count_params(model) - sum(count_params(m) for m in pruned)
+    assert sum(b.attn is None for s in stripped.stages for b in s) == MASK.count(False)
+    assert not any(".attn." in k for k in stripped.state_dict() if k.startswith(("layer1.1.", "layer3.1.")))
+    assert count_params(model) == count_params(create_model("resnet20_ela"))  # the source model is unchanged
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(stripped(x), model(x), rtol=0, atol=0)
+
+
+def test_export_pt2_matches_checkpoint_and_loads_without_elanet(pruned_run, tmp_path, capsys):
+    out = tmp_path / "ela.pt2"
+    assert main(["export", str(pruned_run), "--out", str(out)]) == 0
+    line = capsys.readouterr().out
+    assert "params" in line and "GMACs" in line and "2 pruned attention modules" in line
+    model, x = _checkpoint_model_and_input(pruned_run)
+    with torch.no_grad():
+        expected = model(x)
+    exported, meta = load_exported(out)
+    torch.testing.assert_close(exported(x), expected, rtol=0, atol=1e-5)
+    assert meta["params"] == count_params(fold_attention_bn(strip_pruned(model))) < meta["params_before"] == count_params(model)
+    assert meta["macs"] == meta["macs_before"] < meta["macs_unpruned"] and meta["mask"] == MASK
+
+    # a fresh interpreter where `import elanet` fails: the program needs torch only
+    torch.save(x, tmp_path / "x.pt")
+    code = ("import sys; sys.modules['elanet'] = None\n"
+            "import torch\n"
+            f"m = torch.export.load({str(out)!r}).module()\n"
+            f"x = torch.load({str(tmp_path / 'x.pt')!r})\n"
+            f"torch.save(m(x), {str(tmp_path / 'y.pt')!r})\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected, rtol=0, atol=1e-5)
+
+    # elanet eval reads the exported file and agrees with the checkpoint
+    assert main(["eval", str(out), "--json", "--device", "cpu"]) == 0
+    from_export = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(pruned_run), "--json", "--device", "cpu"]) == 0
+    from_ckpt = json.loads(capsys.readouterr().out)
+    assert from_export["top1"] == from_ckpt["top1"] and from_export["n"] == from_ckpt["n"]
+    assert from_export["loss"] == pytest.approx(from_ckpt["loss"], abs=1e-5)
+
+
+def test_export_onnx_matches_checkpoint_through_onnxruntime(pruned_run, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "ela.onnx"
+    assert main(["export", str(pruned_run / "best.pt"), "--out", str(out)]) == 0
+    model, x = _checkpoint_model_and_input(pruned_run)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for batch in (x, x[:1]):  # the batch dimension is dynamic
+        got = session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0]
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(got), model(batch), rtol=0, atol=1e-5)
+    capsys.readouterr()
+    assert main(["eval", str(out), "--json", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["ela_blocks"] == len(MASK)
+
+
+def test_export_keeps_attention_of_an_unpruned_model(tmp_path):
+    model = create_model("resnet20_mrla_l", num_classes=4).eval()
+    report = export_model(model, tmp_path / "l.pt2", input_size=(3, 16, 16))
+    assert report.removed_modules == 0 and report.after.params == report.before.params == count_params(model)
+    assert report.max_abs_diff <= 1e-5
+
+
+def test_export_bad_input_fails_cleanly_and_writes_nothing(pruned_run, tmp_path, capsys):
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    assert main(["export", str(empty), "--out", str(tmp_path / "a.pt2")]) == 2
+    assert "best.pt or last.pt" in capsys.readouterr().err
+    assert main(["export", str(pruned_run), "--out", str(tmp_path / "missing" / "a.pt2")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["export", str(pruned_run), "--out", str(blocker / "a.pt2")]) == 2
+    assert main(["export", str(pruned_run), "--out", str(tmp_path / "a.tflite")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(e.startswith("elanet export: error:") for e in err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty_run", "file"]
+
+
+def test_fold_attention_bn_only_where_a_stage_keeps_one_block():
+    model = create_model("resnet20_ela").eval()
+    for m in model.modules():  # non-trivial running statistics and affine parameters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(), m.running_var.uniform_(0.5, 2.0), m.weight.data.normal_(), m.bias.data.normal_()
+    set_mask(model, [True, True, True, False, True, False])  # stage 1 keeps two blocks, stages 2 and 3 one each
+    folded = fold_attention_bn(strip_pruned(model))
+    kept = [m for m in folded.modules() if isinstance(m, MRLABase)]
+    assert [isinstance(m.bn, torch.nn.Identity) for m in kept] == [False, False, True, True]
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
