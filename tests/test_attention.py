@@ -146,6 +146,31 @@ def test_mrla_l_matches_hand_reference():
     np.testing.assert_allclose(as_np(out), xn + bn_eval(a, attn.bn), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_mrla_l_training_gradients_match_plain_ops(memory_format):
+    """The training path's fused gate*v + lambda*identity gives the plain ops' output and gradients."""
+    attn = MRLALight(16, head_dim=8).double().train()
+    x = torch.randn(2, 16, 3, 3, dtype=torch.float64).contiguous(memory_format=memory_format).requires_grad_()
+    identity = torch.randn(2, 16, 3, 3, dtype=torch.float64).contiguous(memory_format=memory_format).requires_grad_()
+    upstream = torch.randn(2, 16, 3, 3, dtype=torch.float64)
+
+    def plain(x, identity):  # eq. 7 in plain differentiable ops
+        q, k = attn.query_key(x)
+        gate = torch.sigmoid((q * k).sum(-1) * attn.scale).repeat_interleave(8, dim=1).view(2, 16, 1, 1)
+        a = gate * attn.conv_v(x) + attn.lambda_t.view(1, 16, 1, 1) * identity
+        return x + attn.bn(a)
+
+    params = [x, identity, *attn.parameters()]
+    out = attn(x, identity)
+    assert out.is_contiguous(memory_format=memory_format)
+    got = torch.autograd.grad(out, params, upstream)
+    ref_out = plain(x, identity)
+    want = torch.autograd.grad(ref_out, params, upstream)
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
 def test_mrla_l_receives_the_projected_identity():
     model = elanet.create_model("resnet20_mrla_l").eval()
     block = model.layer2[0]  # stride 2, 64 -> 128 channels: a projection shortcut

@@ -188,7 +188,11 @@ class MRLALight(_QKV):
         q, k = self.query_key(x)
         gate = torch.sigmoid((q * k).sum(-1) * self.scale)  # [B, heads]
         gate = gate.repeat_interleave(self.head_dim, dim=1).view(b, c, 1, 1)
-        a = _GateMix.apply(self.conv_v(x), gate, identity, self.lambda_t.view(1, c, 1, 1))  # gate * v + lambda * identity
+        v, lam = self.conv_v(x), self.lambda_t.view(1, c, 1, 1)
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # eager training: the lean backward
+            a = _GateMix.apply(v, gate, identity, lam)
+        else:  # inference, export and torch.compile trace plain ops (the compiler makes its own backward)
+            a = torch.addcmul(v * gate, lam, identity)
         return self.drop_path.add(x, self.bn(a))
 
     def extra_repr(self) -> str:
