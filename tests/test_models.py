@@ -77,7 +77,7 @@ def _summary(name: str) -> dict:
     blocks = [m for m in model.modules() if isinstance(m, Bottleneck)]
     return {
         "params": elanet.count_params(model),
-        "stem_convs": sum(isinstance(m, nn.Conv2d) for m in model.stem),
+        "stem_convs": sum(isinstance(m, nn.Conv2d) for m in model.conv1.modules()),
         "fc": model.fc.out_features,
         "attn": [(b.conv3.out_channels, b.attn) for b in blocks],
     }
@@ -213,3 +213,37 @@ def test_stages_plug_into_torchvision_fpn(small_ela):
         out = fpn(x)
     assert list(out) == ["0", "1", "2", "pool"]
     assert [tuple(v.shape) for v in out.values()] == [(2, 16, 32, 32), (2, 16, 16, 16), (2, 16, 8, 8), (2, 16, 4, 4)]
+
+
+def _plain_deep_stem_resnet50() -> nn.Module:
+    from elanet.models import ResNet
+
+    return ResNet((3, 4, 6, 3), planes=(64, 128, 256, 512), strides=(1, 2, 2, 2), stem="deep", num_classes=1000)
+
+
+def test_stems_are_named_as_torchvision_and_timm_name_them():
+    """torchvision resnet50 loads by name into the plain model, timm resnet50c into the deep-stem one: same logits."""
+    import timm
+    import torchvision
+
+    x = torch.randn(2, 3, 64, 64)
+    for ours, theirs in (
+        (elanet.create_model("resnet50"), torchvision.models.resnet50()),
+        (_plain_deep_stem_resnet50(), timm.create_model("resnet50c", pretrained=False)),
+    ):
+        ours.load_state_dict(theirs.state_dict(), strict=True)
+        ours.eval(), theirs.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,source", [("resnet50_mrla_l", "tv50"), ("resnet50_ela", "timm50c"), ("resnet101_ela", "timm101c")])
+def test_pretrained_keys_leave_only_attention_missing(name, source):
+    import timm
+    import torchvision
+
+    theirs = {"tv50": lambda: torchvision.models.resnet50(), "timm50c": lambda: timm.create_model("resnet50c"),
+              "timm101c": lambda: timm.create_model("resnet101c")}[source]().state_dict()
+    result = elanet.create_model(name).load_state_dict(theirs, strict=False)
+    assert not result.unexpected_keys
+    assert result.missing_keys and all(".attn." in k for k in result.missing_keys)

@@ -71,16 +71,23 @@ class Stage(nn.Sequential):
         return x
 
 
-def _stem(kind: str, in_chans: int, norm_layer: type[nn.Module]) -> tuple[nn.Sequential, int, int]:
-    def cbr(i: int, o: int, k: int, s: int) -> list[nn.Module]:
-        return [nn.Conv2d(i, o, k, stride=s, padding=k // 2, bias=False), norm_layer(o), nn.ReLU(inplace=True)]
+def _stem(kind: str, in_chans: int, norm_layer: type[nn.Module]) -> tuple[nn.Module, nn.Module, nn.Module, int, int]:
+    """``conv1``, ``bn1``, ``maxpool``, output channels and stride of a stem, named as torchvision / timm name them.
 
+    ``'deep'`` is timm's deep stem (``resnet50c``): ``conv1`` is conv-BN-ReLU-conv-BN-ReLU-conv and
+    ``bn1`` normalises its output, so torchvision and timm weights load by name.
+    """
     if kind == "cifar":
-        return nn.Sequential(*cbr(in_chans, 16, 3, 1)), 16, 1
+        return nn.Conv2d(in_chans, 16, 3, padding=1, bias=False), norm_layer(16), nn.Identity(), 16, 1
     if kind == "standard":
-        return nn.Sequential(*cbr(in_chans, 64, 7, 2), nn.MaxPool2d(3, 2, 1)), 64, 4
+        return nn.Conv2d(in_chans, 64, 7, stride=2, padding=3, bias=False), norm_layer(64), nn.MaxPool2d(3, 2, 1), 64, 4
     if kind == "deep":
-        return nn.Sequential(*cbr(in_chans, 32, 3, 2), *cbr(32, 32, 3, 1), *cbr(32, 64, 3, 1), nn.MaxPool2d(3, 2, 1)), 64, 4
+        conv1 = nn.Sequential(
+            nn.Conv2d(in_chans, 32, 3, stride=2, padding=1, bias=False), norm_layer(32), nn.ReLU(inplace=True),
+            nn.Conv2d(32, 32, 3, padding=1, bias=False), norm_layer(32), nn.ReLU(inplace=True),
+            nn.Conv2d(32, 64, 3, padding=1, bias=False),
+        )
+        return conv1, norm_layer(64), nn.MaxPool2d(3, 2, 1), 64, 4
     raise ValueError(f"unknown stem {kind!r}: use 'cifar', 'standard' or 'deep'")
 
 
@@ -115,7 +122,9 @@ class ResNet(nn.Module):
             raise ValueError("layers, planes and strides need one positive entry per stage")
         if num_classes < 0 or in_chans < 1:
             raise ValueError(f"num_classes must be >= 0 and in_chans >= 1, got {num_classes} and {in_chans}")
-        self.stem, chs, reduction = _stem(stem, in_chans, norm_layer)
+        self.conv1, self.bn1, maxpool, chs, reduction = _stem(stem, in_chans, norm_layer)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = maxpool
         self.feature_info: list[dict] = []
         self.stage_names: list[str] = []
         for i, (n, p, s) in enumerate(zip(layers, planes, strides)):
@@ -164,9 +173,13 @@ class ResNet(nn.Module):
         self.num_classes = num_classes
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
+    def forward_stem(self, x: Tensor) -> Tensor:
+        """``conv1`` -> ``bn1`` -> ReLU -> ``maxpool`` (an identity on CIFAR)."""
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
     def forward_intermediates(self, x: Tensor) -> list[Tensor]:
         """Feature maps after every stage (strides in ``feature_info``), e.g. for an FPN."""
-        x = self.stem(x)
+        x = self.forward_stem(x)
         feats = []
         for stage in self.stages:
             x = stage(x)
@@ -174,7 +187,7 @@ class ResNet(nn.Module):
         return feats
 
     def forward_features(self, x: Tensor) -> Tensor:
-        x = self.stem(x)
+        x = self.forward_stem(x)
         for stage in self.stages:
             x = stage(x)
         return x
