@@ -21,7 +21,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from ..models import create_model, list_models, model_info
 
 __all__ = ["DETECTORS", "GroupNorm32", "ELABackboneWithFPN", "create_detector", "backbone_names", "stage_prefixes",
-           "freeze_stages"]
+           "freeze_stages", "detector_params"]
 
 DETECTORS = ("faster_rcnn", "mask_rcnn")
 _STAGES = ("layer1", "layer2", "layer3", "layer4")
@@ -136,3 +136,11 @@ def create_detector(
     model.backbone_name = backbone  # type: ignore[assignment]
     model.kind = kind  # type: ignore[assignment]
     return model
+
+
+def detector_params(kind: str, backbone: str, *, num_classes: int = 81) -> dict[str, int]:
+    """Parameter counts of a detector: ``total``, and ``trainable`` with the pretrained defaults (stem
+    and layer1 frozen), which is what MMDetection's complexity tool -- and so Table 3 -- counts."""
+    model = create_detector(kind, backbone=backbone, num_classes=num_classes, pretrained=True)
+    return {"total": sum(p.numel() for p in model.parameters()),
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
