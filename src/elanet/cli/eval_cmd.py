@@ -35,11 +35,11 @@ def run(args: argparse.Namespace) -> int:
     model = model_from_checkpoint(ckpt, device=device)
     res = evaluate(model, data.test, amp=args.amp)
     mask = get_mask(model) if ela_blocks(model) else []
-    res.update(model=ckpt["model_name"], dataset=dataset, epoch=ckpt["epoch"], active=sum(mask), ela_blocks=len(mask))
+    res.update(model=ckpt["model_name"], dataset=dataset, epoch=ckpt.get("epoch"), active=sum(mask), ela_blocks=len(mask))
     if args.json:
         print(json.dumps(res))
     else:
         act = f" | ELA blocks active {sum(mask)}/{len(mask)}" if mask else ""
-        print(f"{ckpt['model_name']} (epoch {ckpt['epoch']}) on {dataset}: top-1 {res['top1']:.2f}% top-5 {res['top5']:.2f}% "
+        print(f"{ckpt['model_name']} (epoch {ckpt.get('epoch')}) on {dataset}: top-1 {res['top1']:.2f}% top-5 {res['top5']:.2f}% "
               f"loss {res['loss']:.4f} over {res['n']} images{act}")
     return 0

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from ..training.config import PRESETS, TrainConfig, load_yaml, resolve_config
+from ..training.config import PRESETS, TrainConfig, load_run_config, resolve_config
 from . import UsageError
 
 RUNTIME = ("device", "workers", "threads", "epochs", "plots", "tensorboard")  # what --resume may change
@@ -80,15 +79,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     fields = TrainConfig.__dataclass_fields__
     flags = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     if args.resume:
-        run = Path(args.resume)
-        if not (run / "config.yaml").is_file():
-            raise UsageError(f"{run} is not a run folder (no config.yaml): pass a folder written by `elanet train`")
         ignored = sorted(set(flags) - set(RUNTIME))
         if ignored or args.config or args.preset:
             raise UsageError(f"--resume continues the run with its saved config; drop {', '.join(ignored or ['--config/--preset'])} (only {', '.join(RUNTIME)} may change)")
-        cfg = TrainConfig(**{**load_yaml(run / "config.yaml"), **flags})
-        cfg.validate()
-        return cfg
+        return load_run_config(TrainConfig, args.resume, flags)
     return resolve_config(preset=args.preset, config_file=args.config, overrides=flags)
 
 
@@ -97,4 +91,4 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     summary = train(cfg, resume=args.resume)
-    return 130 if summary.get("interrupted") else 0
+    return 128 + (summary.get("signal") or 2) if summary.get("interrupted") else 0

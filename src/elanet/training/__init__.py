@@ -1,9 +1,10 @@
 """Training: configuration and presets, the staged ELA trainer, checkpoints and data-parallel set-up."""
 from .checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import PRESETS, TrainConfig, load_yaml, resolve_config
-from .trainer import evaluate, lr_at, train
+from .core import Context, Parts, Task, fit
+from .trainer import Classification, evaluate, lr_at, train
 
 __all__ = [
     "load_checkpoint", "model_from_checkpoint", "resolve_checkpoint", "save_checkpoint", "PRESETS", "TrainConfig",
-    "load_yaml", "resolve_config", "evaluate", "lr_at", "train",
+    "load_yaml", "resolve_config", "Context", "Parts", "Task", "fit", "Classification", "evaluate", "lr_at", "train",
 ]

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -13,30 +14,72 @@ from ..data import DATASETS
 from ..models import list_models, model_info
 from ..pruning import MAPPINGS, check_ebqm_args
 
-__all__ = ["TrainConfig", "PRESETS", "DEFAULT_PRESET", "resolve_config", "load_yaml", "save_yaml"]
+__all__ = ["RunConfig", "TrainConfig", "check_value", "config_from_dict", "load_run_config", "PRESETS", "DEFAULT_PRESET", "resolve_config", "load_yaml", "save_yaml"]
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+
+
+def _describe(typ: str) -> str:
+    base = typ.removesuffix(" | None")
+    words = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "a text value",
+             "list[int]": "a list of whole numbers like [100, 150]",
+             "list[list[int]]": "a list of [start, end] epoch pairs like [[1, 3], [45, 48]]"}[base]
+    return words + (" (or null)" if typ.endswith("| None") else "")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_value(name: str, value: Any, typ: str) -> Any:
+    """``value`` checked against the field type ``typ`` (as written in the dataclass); numbers given
+    where a float is meant (``5``, ``"1e-4"``, which YAML reads as text) come back as floats."""
+    if value is None and typ.endswith("| None"):
+        return None
+    base = typ.removesuffix(" | None")
+    ok = False
+    if base == "bool":
+        ok = isinstance(value, bool)
+    elif base == "int":
+        ok = _is_int(value)
+    elif base == "float":
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value, ok = float(value), True
+    elif base == "str":
+        ok = isinstance(value, str)
+    elif base == "list[int]":
+        ok = isinstance(value, list) and all(_is_int(v) for v in value)
+    elif base == "list[list[int]]":
+        ok = isinstance(value, list) and all(isinstance(w, list) and len(w) == 2 and all(_is_int(v) for v in w) for w in value)
+    else:  # pragma: no cover - a new field type needs a rule here
+        raise TypeError(f"no type rule for field {name}: {typ}")
+    if not ok:
+        raise ValueError(f"{name} must be {_describe(typ)}, got {value!r}")
+    return value
 
 
 @dataclass
-class TrainConfig:
-    """Every setting of a training run; the resolved config is saved as ``config.yaml`` in the run folder."""
+class RunConfig:
+    """Settings the training core reads (:mod:`elanet.training.core`); a task's config adds its own.
+
+    Every field is checked against its type by :meth:`validate` before anything is written.
+    """
 
     model: str = "resnet20_ela"
-    dataset: str = "digits"
-    data_dir: str | None = None
-    download: bool = False
-    image_size: int | None = None  # folder / imagenet crop size (default 224)
     out: str | None = None
     epochs: int = 30
-    batch_size: int = 64
-    eval_batch_size: int | None = None
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: int = 2
     milestones: list[int] = field(default_factory=lambda: [20, 26])
     lr_decay: float = 0.1
-    drop_path: float = 0.0
-    label_smoothing: float = 0.0
     # ELA pruning (SPEC §3): windows are 1-based inclusive epoch ranges; empty disables pruning
     windows: list[list[int]] = field(default_factory=lambda: [[1, 2], [10, 11]])
     gamma: float = 0.5
@@ -52,23 +95,22 @@ class TrainConfig:
     device: str = "auto"
     amp: str = "none"  # none | bf16 | fp16
     channels_last: bool = False
-    workers: int = 4
     threads: int | None = None
     plots: bool = True
     tensorboard: bool = True
 
+    def check_types(self) -> None:
+        """Raise ``ValueError`` for a value of the wrong type (``epochs: 3.5``, ``plots: "no"``)."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, check_value(f.name, getattr(self, f.name), str(f.type)))
+
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the fix for any setting out of range."""
-        if self.model not in list_models():
-            model_info(self.model)  # raises with close matches
-        if self.dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {self.dataset!r}: use one of {', '.join(DATASETS)}")
-        positive = dict(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr)
+        """Raise ``ValueError`` naming the fix for any setting of the wrong type or out of range."""
+        self.check_types()
+        positive = dict(epochs=self.epochs, lr=self.lr)
         for k, v in positive.items():
             if not v > 0:
                 raise ValueError(f"{k} must be > 0, got {v}")
-        if self.eval_batch_size is not None and self.eval_batch_size < 1:
-            raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0 or self.warmup_epochs < 0:
@@ -77,31 +119,64 @@ class TrainConfig:
             raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
         if any(m < 1 for m in self.milestones) or sorted(self.milestones) != list(self.milestones):
             raise ValueError(f"milestones {self.milestones} must be increasing epochs >= 1 (lr decays after each)")
-        if not 0 <= self.drop_path < 1 or not 0 <= self.label_smoothing < 1:
-            raise ValueError("drop_path and label_smoothing must be in [0, 1)")
         check_ebqm_args(gamma=self.gamma, alpha=self.alpha, beta=self.beta, tau=self.tau)
         if self.mapping not in MAPPINGS:
             raise ValueError(f"unknown mapping {self.mapping!r}: use one of {', '.join(MAPPINGS)}")
         if self.strategy not in ("quantile", "threshold", "fixed"):
             raise ValueError(f"unknown strategy {self.strategy!r}: use quantile, threshold or fixed")
+        if self.fixed_count < 0:
+            raise ValueError(f"fixed_count must be >= 0, got {self.fixed_count}")
         last = 0
         for w in self.windows:
-            if len(w) != 2 or not (1 <= w[0] <= w[1]) or w[0] <= last:
+            if not (1 <= w[0] <= w[1]) or w[0] <= last:
                 raise ValueError(f"windows {self.windows} must be increasing [start, end] epoch pairs (1-based, inclusive)")
             last = w[1]
         if last > self.epochs and self.model.endswith("_ela"):
             raise ValueError(f"pruning window ending at epoch {last} is beyond the last epoch ({self.epochs}): shorten the window or raise --epochs")
         if self.amp not in ("none", "bf16", "fp16"):
             raise ValueError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
-        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+        if not _DEVICE.fullmatch(self.device):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
-        if self.workers < 0 or (self.threads is not None and self.threads < 1):
-            raise ValueError("workers must be >= 0 and threads >= 1")
-        if self.image_size is not None and self.image_size < 8:
-            raise ValueError(f"image_size must be >= 8, got {self.image_size}")
+        if self.amp == "fp16" and self.device == "cpu":
+            raise ValueError("--amp fp16 needs a CUDA GPU (on the CPU it runs ~10x slower): use --amp bf16 or none")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """Every setting of a classification run; the resolved config is saved as ``config.yaml`` in the run folder."""
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    download: bool = False
+    image_size: int | None = None  # folder / imagenet crop size (default 224)
+    batch_size: int = 64
+    eval_batch_size: int | None = None
+    drop_path: float = 0.0
+    label_smoothing: float = 0.0
+    workers: int = 4
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the fix for any setting of the wrong type or out of range."""
+        super().validate()
+        if self.model not in list_models():
+            model_info(self.model)  # raises with close matches
+        if self.dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {self.dataset!r}: use one of {', '.join(DATASETS)}")
+        if not self.batch_size > 0:
+            raise ValueError(f"batch_size must be > 0, got {self.batch_size}")
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        if not 0 <= self.drop_path < 1 or not 0 <= self.label_smoothing < 1:
+            raise ValueError("drop_path and label_smoothing must be in [0, 1)")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if self.image_size is not None and self.image_size < 8:
+            raise ValueError(f"image_size must be >= 8, got {self.image_size}")
 
 
 _CIFAR_SCHEDULE = dict(windows=[[1, 3], [45, 48], [91, 93]], alpha=5.0, beta=1.0, tau=0.3)
@@ -139,8 +214,35 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def save_yaml(cfg: TrainConfig, path: str | os.PathLike) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+def save_yaml(cfg: RunConfig, path: str | os.PathLike) -> None:
+    """Write ``cfg`` as ``key: value`` lines, atomically."""
+    from .run_dir import write_text
+
+    write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+C = TypeVar("C", bound=RunConfig)
+
+
+def config_from_dict(cls: type[C], values: dict[str, Any], *, source: str = "the settings") -> C:
+    """Build and validate a ``cls`` from ``values``: unknown keys and values of the wrong type raise
+    ``ValueError`` naming the key, before anything is written."""
+    fields = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    unknown = sorted(map(str, set(values) - set(fields)))
+    if unknown:
+        raise ValueError(f"unknown setting(s) {', '.join(unknown)} in {source}: valid keys are {', '.join(sorted(fields))}")
+    checked = {k: check_value(k, v, fields[k]) for k, v in values.items()}
+    cfg = cls(**checked)
+    cfg.validate()
+    return cfg
+
+
+def load_run_config(cls: type[C], run: str | os.PathLike, overrides: dict[str, Any] | None = None) -> C:
+    """The saved ``config.yaml`` of a run folder with ``overrides`` applied, validated."""
+    path = Path(run) / "config.yaml"
+    if not path.is_file():
+        raise ValueError(f"{run} is not a run folder (no config.yaml): pass a folder written by `elanet train`")
+    return config_from_dict(cls, {**load_yaml(path), **(overrides or {})}, source=str(path))
 
 
 def resolve_config(*, preset: str | None = None, config_file: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -150,27 +252,11 @@ def resolve_config(*, preset: str | None = None, config_file: str | None = None,
     """
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     from_file = load_yaml(config_file) if config_file else {}
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(from_file) - names - {"preset"})
-    if unknown:
-        raise ValueError(f"unknown setting(s) {', '.join(unknown)} in {config_file}: valid keys are {', '.join(sorted(names))}")
     preset = overrides.pop("preset", None) or preset or from_file.pop("preset", None)
     from_file.pop("preset", None)
     dataset = overrides.get("dataset", from_file.get("dataset", TrainConfig.dataset))
-    name = preset or DEFAULT_PRESET.get(dataset, "digits")
-    if name not in PRESETS:
+    name = preset or (DEFAULT_PRESET.get(dataset, "digits") if isinstance(dataset, str) else "digits")
+    if not isinstance(name, str) or name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}: use one of {', '.join(PRESETS)}")
-    values = {**PRESETS[name], **from_file, **overrides}
-    try:
-        cfg = TrainConfig(**values)
-    except TypeError as e:
-        raise ValueError(f"bad setting: {e}") from None
-    for f in dataclasses.fields(TrainConfig):  # YAML may give "0.1" or 5 where a float is meant
-        v = getattr(cfg, f.name)
-        if f.type in ("float", "float | None") and isinstance(v, (int, str)) and not isinstance(v, bool):
-            try:
-                setattr(cfg, f.name, float(v))
-            except ValueError:
-                raise ValueError(f"{f.name} must be a number, got {v!r}") from None
-    cfg.validate()
-    return cfg
+    source = f"{config_file} / the flags" if config_file else "the flags"
+    return config_from_dict(TrainConfig, {**PRESETS[name], **from_file, **overrides}, source=source)
