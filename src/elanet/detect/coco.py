@@ -149,7 +149,7 @@ class CocoDetection(torch.utils.data.Dataset):
 
         im = self.images[index]
         with Image.open(self.image_dir / im["file_name"]) as f:
-            img = torch.from_numpy(np.asarray(f.convert("RGB"))).permute(2, 0, 1)
+            img = torch.from_numpy(np.array(f.convert("RGB"))).permute(2, 0, 1)
         if tuple(img.shape[1:]) != (im["height"], im["width"]):
             raise ValueError(f"{self.ann_file}: image {im['file_name']} is {img.shape[2]}x{img.shape[1]} but listed as "
                              f"{im['width']}x{im['height']}: fix its width/height")
@@ -183,7 +183,7 @@ def collate(batch: list[tuple[Tensor, dict[str, Tensor]]]) -> tuple[list[Tensor]
 class DetectionLoader:
     """Batches of one rank, reshuffled per epoch from ``seed`` (the same order on every rank).
 
-    ``iterate(start=k)`` skips the first ``k`` batches without reading them (mid-epoch resume).
+    ``iter_from(k)`` skips the first ``k`` batches without reading them (mid-epoch resume).
     Training drops a partial last batch; evaluation visits each image exactly once across ranks.
     """
 
@@ -209,7 +209,7 @@ class DetectionLoader:
     def __len__(self) -> int:
         return len(self._batches())
 
-    def iterate(self, start: int = 0) -> Iterator[tuple[list[Tensor], list[dict[str, Tensor]]]]:
+    def iter_from(self, start: int = 0) -> Iterator[tuple[list[Tensor], list[dict[str, Tensor]]]]:
         batches = self._batches()[start:]
         if not batches:
             return iter(())
@@ -217,4 +217,4 @@ class DetectionLoader:
                                                 num_workers=self.workers, persistent_workers=False))
 
     def __iter__(self) -> Iterator[tuple[list[Tensor], list[dict[str, Tensor]]]]:
-        return self.iterate(0)
+        return self.iter_from(0)

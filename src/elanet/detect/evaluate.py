@@ -57,7 +57,7 @@ def coco_evaluate(gt, results: list[dict], iou_type: str, *, image_ids: Sequence
     """COCOeval of ``results`` against ``gt`` (a COCO object); AP values in percent.
 
     An empty ``results`` list scores 0 wherever the ground truth has objects (pycocotools cannot
-    load an empty list). A size range without ground-truth objects gives NaN, where COCOeval gives -1.
+    load an empty list). A size range without ground-truth objects gives -1, as in COCOeval.
     """
     from pycocotools.cocoeval import COCOeval
 
@@ -77,7 +77,7 @@ def coco_evaluate(gt, results: list[dict], iou_type: str, *, image_ids: Sequence
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    out = {k: (float("nan") if v < 0 else 100.0 * float(v)) for k, v in zip(STATS, ev.stats[:6])}
+    out = {k: (-1.0 if v < 0 else 100.0 * float(v)) for k, v in zip(STATS, ev.stats[:6])}
     out["summary"] = text.getvalue().strip()  # type: ignore[assignment]
     return out
 
@@ -106,7 +106,7 @@ def evaluate_detector(model: nn.Module, loader, *, masks: bool, amp: str = "none
     """
     dataset = loader.dataset
     bbox, segm = [], []
-    for images, targets in loader.iterate(0):
+    for images, targets in loader.iter_from(0):
         outs = predict(model, images, amp=amp)
         b, s = to_coco_results(outs, [int(t["image_id"]) for t in targets], dataset.category_ids, masks=masks)
         bbox += b

@@ -119,9 +119,14 @@ def make_synthetic_coco(root: str | os.PathLike | None = None, *, seed: int = 0,
         doc = {"info": {"description": f"elanet synthetic digits ({SYNTHETIC_VERSION}, seed {seed})"},
                "images": images, "annotations": annotations, "categories": categories}
         (tmp / "annotations" / f"instances_{split}.json").write_text(json.dumps(doc))
-    if out.exists():  # overwrite=True, or a partial set from an older writer
-        import shutil
+    import shutil
 
+    if overwrite and out.exists():
         shutil.rmtree(out)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process (e.g. another rank) finished writing the same set first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "annotations" / "instances_val2017.json").is_file():
+            raise
     return out
