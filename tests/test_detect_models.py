@@ -74,3 +74,20 @@ def test_bad_names() -> None:
         create_detector("mask_rcnn", backbone="resnet5O", num_classes=5)
     with pytest.raises(ValueError, match="background"):
         create_detector("mask_rcnn", backbone="resnet50", num_classes=1)
+
+
+def test_configs_load_and_the_ela_config_is_the_paper_recipe() -> None:
+    from pathlib import Path
+
+    from elanet.detect.config import resolve_detect_config
+
+    files = sorted((Path(__file__).resolve().parents[1] / "configs" / "coco").glob("*.yaml"))
+    assert len(files) == 12  # {Faster, Mask} x {R-50, R-101} x {plain, MRLA-L, ELA}: the Table 3 rows elanet builds
+    for f in files:
+        cfg = resolve_detect_config(config_file=str(f))
+        assert f.stem == f"{cfg.detector}_r{cfg.model.removeprefix('resnet')}"
+    cfg = resolve_detect_config(config_file=str(files[0].parent / "mask_rcnn_r50_ela.yaml"))
+    assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.warmup_iters, cfg.milestones, cfg.epochs) == (0.02, 0.9, 1e-4, 500, [8, 11], 12)
+    assert (cfg.min_size, cfg.max_size, cfg.flip, cfg.windows, cfg.alpha, cfg.beta, cfg.tau) == (800, 1333, True, [[1, 1], [7, 7]], 2.0, 5.0, 0.2)
+    assert cfg.lr_at(1, iteration=0) == pytest.approx(0.02 * 0.001) and cfg.lr_at(1, iteration=250) == pytest.approx(0.02 * (0.001 + 0.999 / 2))
+    assert cfg.lr_at(9, iteration=10**5) == pytest.approx(0.002) and cfg.lr_at(12, iteration=10**5) == pytest.approx(0.0002)

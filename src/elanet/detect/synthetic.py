@@ -17,10 +17,10 @@ import numpy as np
 
 __all__ = ["SYNTHETIC_VERSION", "default_cache_dir", "make_synthetic_coco", "MASK_LEVEL"]
 
-SYNTHETIC_VERSION = "digits-coco-v1"
+SYNTHETIC_VERSION = "digits-coco-v2"
 MASK_LEVEL = 0.3  # glyph intensity (0-1) above which a pixel belongs to the instance
 _CANVAS = 128
-_SPLITS = {"train2017": 640, "val2017": 128}  # images per split
+_SPLITS = {"train2017": 800, "val2017": 100}  # images per split: 200 steps of batch 4 per epoch
 _VAL_SOURCE_FRACTION = 0.25  # last quarter of the 1797 source glyphs is reserved for val
 
 

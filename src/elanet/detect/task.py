@@ -21,7 +21,7 @@ from .config import DetectConfig
 from .detectors import create_detector, freeze_stages
 from .evaluate import STATS, evaluate_detector, load_coco_gt, predict
 
-__all__ = ["Detection", "train_detector", "load_backbone", "LOSSES"]
+__all__ = ["Detection", "train_detector", "load_backbone", "detector_from_checkpoint", "draw_predictions", "LOSSES"]
 
 LOSSES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 
@@ -173,3 +173,14 @@ def train_detector(
         log: where the epoch lines and pruning tables go (rank 0 only).
     """
     return fit(Detection(cfg), cfg, resume=resume, on_step=on_step, log=log)
+
+
+def detector_from_checkpoint(ckpt: dict[str, Any], *, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the detector of an ``elanet detect train`` checkpoint, weights and ELA mask included."""
+    if ckpt.get("task") != "detect":
+        raise ValueError("this is not a detection checkpoint (written by `elanet detect train`); classification "
+                         "checkpoints are evaluated with `elanet eval`")
+    model = create_detector(ckpt["detector"], backbone=ckpt["model_name"], num_classes=ckpt["num_classes"],
+                            norm=ckpt["norm"], min_size=ckpt["min_size"], max_size=ckpt["max_size"])
+    model.load_state_dict(ckpt["model"])  # each ELA block's `active` flag travels as module extra state
+    return model.to(device).eval()
