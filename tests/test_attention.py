@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ from torch import nn
 
 import elanet
 from elanet.attention import DropPath, MRLABase, MRLALight, aggregate, eca_kernel_size
+from elanet.attention.layer import ela
 from elanet.models import ResNet
 
 
@@ -56,7 +56,7 @@ def as_np(t: torch.Tensor) -> np.ndarray:
 # ---------------------------------------------------------------- MRLA-B / ELA
 def tiny_mrla_b() -> ResNet:
     """Two stages (3 and 2 blocks) of 32 / 64 channels, heads of 8 channels: 4 and 8 heads."""
-    model = ResNet((3, 2), planes=(8, 16), strides=(1, 2), num_classes=4, attn_layer=partial(MRLABase, head_dim=8, prunable=True))
+    model = ResNet((3, 2), planes=(8, 16), strides=(1, 2), num_classes=4, attn=ela(head_dim=8))
     for m in model.modules():
         if isinstance(m, MRLABase):
             randomize_bn(m.bn)

@@ -48,13 +48,29 @@ def test_run_mask_reads_the_last_round(tmp_path):
 
 def test_variants_per_depth():
     variants = make_variants([20, 56], fractions=(0.0, 1.0))
-    labels = ["plain", "MRLA-L", "MRLA-B", "ELA 0%", "ELA 100%", "ELA 0% +KL"]
+    labels = ["plain", "MRLA-L", "MRLA-B", "ELA 0%", "ELA 100%", "ELA 0% +KL", "DIA"]
     assert [v.label for v in variants] == labels * 2
-    assert [v.depth for v in variants] == [20] * 6 + [56] * 6
-    assert [v.pruned_fraction for v in variants[:6]] == [None, None, None, 0.0, 1.0, 0.0]
-    assert [v.measure_kl for v in variants[:6]] == [False] * 5 + [True]
+    assert [v.depth for v in variants] == [20] * 7 + [56] * 7
+    assert [v.pruned_fraction for v in variants[:7]] == [None, None, None, 0.0, 1.0, 0.0, None]
+    assert [v.measure_kl for v in variants[:7]] == [False] * 5 + [True, False]
     with pytest.raises(ValueError, match="no ResNet-57"):
         make_variants([57])
+    # DIA has no ImageNet model: the default leaves it out there
+    assert [v.label for v in make_variants([50], fractions=(0.5,), measure_kl=False)] == ["plain", "MRLA-L", "MRLA-B", "ELA 50%"]
+
+
+def test_any_registered_variant_and_torchvision():
+    variants = make_variants([56], variants=["se", "dla_l", "bam", "plain"])
+    assert [(v.model, v.label) for v in variants] == [
+        ("resnet56_se", "SE"), ("resnet56_dla_l", "DLA-L"), ("resnet56_bam", "BAM"), ("resnet56", "plain")]
+    assert [v.model for v in make_variants([50], variants=["plain", "torchvision", "rla"])] == [
+        "resnet50", "torchvision:resnet50", "resnet50_rla"]
+    with pytest.raises(ValueError, match="unknown variant.*use any of plain, mrla_l"):
+        make_variants([56], variants=["sk"])
+    with pytest.raises(ValueError, match="RLA has no model on resnet56"):
+        make_variants([56], variants=["rla"])
+    with pytest.raises(ValueError, match="torchvision has no CIFAR"):
+        make_variants([56], variants=["torchvision"])
 
 
 def test_peak_memory_counts_what_a_step_allocates():
@@ -83,7 +99,7 @@ def test_elanet_bench_tiny_run_writes_well_formed_json(tmp_path, capsys):
     assert report["settings"]["batch_size"] == 2 and report["settings"]["threads"] == 1
     assert set(report["versions"]) >= {"python", "torch", "elanet"}
     res = report["results"]
-    assert [r["variant"] for r in res] == ["plain", "MRLA-L", "MRLA-B", "ELA 0%", "ELA 50%", "ELA 100%", "ELA 0% +KL"]
+    assert [r["variant"] for r in res] == ["plain", "MRLA-L", "MRLA-B", "ELA 0%", "ELA 50%", "ELA 100%", "ELA 0% +KL", "DIA"]
     for r in res:
         assert r["model"].startswith("resnet20") and r["depth"] == 20
         times = r["step_times_s"]

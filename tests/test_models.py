@@ -19,10 +19,14 @@ VARIANTS = ("", "_mrla_l", "_mrla_b", "_ela")
 ECA_K = {64: 3, 128: 5, 256: 5, 512: 5, 1024: 5, 2048: 7}
 
 
-def test_list_models_is_every_backbone_with_every_variant():
+def test_list_models_is_every_backbone_with_its_variants():
     names = elanet.list_models()
-    assert sorted(names) == sorted(b + v for b in CIFAR + IMAGENET for v in VARIANTS)
-    assert len(set(names)) == len(names) == 20
+    want = [b + v for b in CIFAR + IMAGENET for v in VARIANTS]
+    want += [b + v for b in CIFAR for v in ("_se", "_eca", "_cbam", "_bam", "_dia", "_dla_l")]
+    want += [b + v for b in IMAGENET for v in ("_se", "_eca", "_cbam", "_gc", "_rla", "_dla_l")]
+    want += [b + v for b in ("resnet18", "resnet34") for v in ("", "_mrla_l", "_mrla_b", "_ela", "_se", "_eca")]
+    assert sorted(names) == sorted(want)
+    assert len(set(names)) == len(names) == 20 + 18 + 12 + 12
 
 
 @pytest.mark.parametrize("name", ["resnet56_elaa", "resnet_56_ela", "resnet5O"])

@@ -1,4 +1,4 @@
-"""Training-step benchmark of plain, MRLA-L, MRLA-B and ELA ResNets (paper §4.1, Figure 4).
+"""Training-step benchmark of plain, MRLA-L, MRLA-B, ELA and any other registered variant (paper §4.1, Figure 4).
 
 Every variant is built once, warmed up, then timed in rounds: each round runs one training step
 (forward, backward, optimiser step) of every variant, in a shuffled order, so that load from other
@@ -23,12 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import record_attention
-from .models import create_model, list_models, model_info
+from .models import create_model, list_models, list_variants, model_info
 from .profile import profile
 from .pruning import PruningSchedule, ela_blocks, set_mask
 
 __all__ = [
-    "Variant", "FRACTIONS", "spread_mask", "run_mask", "make_variants", "peak_memory", "run_benchmark",
+    "Variant", "FRACTIONS", "DEFAULT_VARIANTS", "spread_mask", "run_mask", "make_variants", "peak_memory", "run_benchmark",
     "format_table", "save_json", "SCHEMA",
 ]
 
@@ -102,6 +102,19 @@ def _depth(name: str) -> int:
     return int(model_info(name)["backbone"].removeprefix("resnet"))
 
 
+def _info(name: str) -> dict[str, Any]:
+    """``model_info``, also for ``'torchvision:resnetN'`` (the family and input of elanet's resnetN)."""
+    return model_info(name.split(":", 1)[1] if name.startswith(f"{TORCHVISION}:") else name)
+
+
+def _build(name: str, *, num_classes: int, drop_path: float) -> nn.Module:
+    if name.startswith(f"{TORCHVISION}:"):
+        import torchvision
+
+        return getattr(torchvision.models, name.split(":", 1)[1])(num_classes=num_classes)
+    return create_model(name, num_classes=num_classes, drop_path=drop_path)
+
+
 def _ela_variant(model: nn.Module, name: str, label: str, mask: list[bool], measure_kl: bool = False) -> Variant:
     set_mask(model, mask)  # checks the mask against the model
     prunable = [on for on, m in zip(mask, ela_blocks(model)) if not m.first_in_stage]
@@ -109,21 +122,38 @@ def _ela_variant(model: nn.Module, name: str, label: str, mask: list[bool], meas
     return Variant(name, _depth(name), label, list(mask), fraction, measure_kl)
 
 
+DEFAULT_VARIANTS = ("plain", "mrla_l", "mrla_b", "ela", "dia")
+TORCHVISION = "torchvision"  # the reference implementation of a plain ImageNet ResNet
+
+
+def _variant_names() -> list[str]:
+    return ["plain"] + [v[1:] for v in list_variants() if v] + [TORCHVISION]
+
+
 def make_variants(
     depths: Sequence[int],
     *,
+    variants: Sequence[str] | None = None,
     fractions: Sequence[float] = FRACTIONS,
     measure_kl: bool = True,
     run_dir: str | Path | None = None,
 ) -> list[Variant]:
-    """Plain, MRLA-L, MRLA-B and ELA at each pruned fraction for every depth, then the run's mask.
+    """The variants to time at every depth, then the run's mask.
 
     Args:
         depths: backbone depths, e.g. ``(56, 110)`` (CIFAR) or ``(50,)`` (ImageNet).
+        variants: variant names (``'plain'``, ``'mrla_l'``, ``'dia'``, ``'se'``, ...; ``'ela'`` expands
+            into one entry per pruned fraction; ``'torchvision'`` times ``torchvision.models.resnetN``).
+            Default: plain, MRLA-L, MRLA-B, ELA and DIA, each where the depth has it.
         fractions: pruned fractions of the fixed ELA masks.
-        measure_kl: add ``'ELA 0% +KL'``, which accumulates the KL scores every step.
+        measure_kl: with ELA, add ``'ELA 0% +KL'``, which accumulates the KL scores every step.
         run_dir: a training run folder; adds ``'ELA run'`` with its final mask (and its depth).
     """
+    explicit = variants is not None
+    names = list(dict.fromkeys(variants if explicit else DEFAULT_VARIANTS))
+    unknown = [n for n in names if n not in _variant_names()]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {', '.join(unknown)}: use any of {', '.join(_variant_names())}")
     depths = list(dict.fromkeys(int(d) for d in depths))
     run = run_mask(run_dir) if run_dir is not None else None
     if run is not None:
@@ -131,21 +161,38 @@ def make_variants(
             raise ValueError(f"the run trained {run[0]!r}, not an ELA model: its mask cannot be benchmarked")
         if _depth(run[0]) not in depths:
             depths.append(_depth(run[0]))
-    variants = []
+    labels = list_variants()
+    out = []
     for d in depths:
-        if f"resnet{d}" not in list_models():
+        backbone = f"resnet{d}"
+        if backbone not in list_models():
             raise ValueError(f"no ResNet-{d}: use depths of {', '.join(m for m in list_models() if '_' not in m)}")
-        variants += [Variant(f"resnet{d}", d, "plain"), Variant(f"resnet{d}_mrla_l", d, "MRLA-L")]
-        variants.append(Variant(f"resnet{d}_mrla_b", d, "MRLA-B"))
-        name = f"resnet{d}_ela"
-        ela = create_model(name)
-        for f in fractions:
-            variants.append(_ela_variant(ela, name, f"ELA {100 * f:g}%", spread_mask(ela, f)))
-        if measure_kl:
-            variants.append(_ela_variant(ela, name, "ELA 0% +KL", spread_mask(ela, 0.0), measure_kl=True))
+        for n in names:
+            if n == TORCHVISION:
+                if model_info(backbone)["family"] != "imagenet":
+                    if explicit:
+                        raise ValueError(f"torchvision has no CIFAR ResNet-{d}: compare it at depths 18, 34, 50 or 101")
+                    continue
+                out.append(Variant(f"{TORCHVISION}:{backbone}", d, "torchvision"))
+                continue
+            name = backbone if n == "plain" else f"{backbone}_{n}"
+            if name not in list_models():
+                if explicit:
+                    model_info(name)  # raises: the variant has no model at this depth
+                continue
+            if n != "ela":
+                out.append(Variant(name, d, "plain" if n == "plain" else labels[f"_{n}"]))
+                continue
+            ela = create_model(name)
+            for f in fractions:
+                out.append(_ela_variant(ela, name, f"ELA {100 * f:g}%", spread_mask(ela, f)))
+            if measure_kl:
+                out.append(_ela_variant(ela, name, "ELA 0% +KL", spread_mask(ela, 0.0), measure_kl=True))
+        name = f"{backbone}_ela"
         if run is not None and run[0] == name:
-            variants.append(_ela_variant(ela, name, "ELA run", run[1] if run[1] is not None else spread_mask(ela, 0.0)))
-    return variants
+            ela = create_model(name)
+            out.append(_ela_variant(ela, name, "ELA run", run[1] if run[1] is not None else spread_mask(ela, 0.0)))
+    return out
 
 
 def peak_memory(step: Callable[[], Any], device: torch.device) -> int:
@@ -181,7 +228,7 @@ class _Runner:
 
     def __init__(self, v: Variant, *, num_classes: int, drop_path: float, device: torch.device, seed: int) -> None:
         torch.manual_seed(seed)
-        self.model = create_model(v.model, num_classes=num_classes, drop_path=drop_path).to(device).train()
+        self.model = _build(v.model, num_classes=num_classes, drop_path=drop_path).to(device).train()
         if v.mask is not None:
             set_mask(self.model, v.mask)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -236,10 +283,10 @@ def run_benchmark(
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but CUDA is not available: use --device cpu")
-    families = {model_info(v.model)["family"] for v in variants}
+    families = {_info(v.model)["family"] for v in variants}
     runners, inputs = [], {}
     for v in variants:
-        info = model_info(v.model)
+        info = _info(v.model)
         size = (3, image_size, image_size) if image_size else info["input_size"]
         if info["family"] not in inputs:
             g = torch.Generator().manual_seed(seed)
@@ -257,7 +304,7 @@ def run_benchmark(
     for r in range(warmup + steps):
         rng.shuffle(order)
         for i in order:
-            x, y, _ = inputs[model_info(variants[i].model)["family"]]
+            x, y, _ = inputs[_info(variants[i].model)["family"]]
             t, c = time.perf_counter(), time.process_time()
             runners[i].step(x, y)
             if r >= warmup:
@@ -271,7 +318,7 @@ def run_benchmark(
 
     results = []
     for v, runner, ts, cs in zip(variants, runners, times, cpu_times):
-        x, y, size = inputs[model_info(v.model)["family"]]
+        x, y, size = inputs[_info(v.model)["family"]]
         runner.opt.zero_grad(set_to_none=True)
         memory = peak_memory(lambda: runner.step(x, y), device)
         prof = profile(runner.model, size)

@@ -51,10 +51,13 @@ class DropPath(nn.Module):
 class _QKV(nn.Module):
     """Shared query/key/value extractors: ECA-style 1-D convs on the pooled descriptor, depthwise 3x3 value."""
 
+    position = "output"  # attaches after the block's add + ReLU and sees its identity (attention/context.py)
+    takes_state = True
+
     def __init__(self, channels: int, head_dim: int) -> None:
         super().__init__()
         if channels % head_dim:
-            raise ValueError(f"channels ({channels}) must be a multiple of head_dim ({head_dim})")
+            raise ValueError(f"channels ({channels}) must be a multiple of head_dim ({head_dim}): choose a head_dim that divides every stage's width")
         self.channels = channels
         self.head_dim = head_dim
         self.heads = channels // head_dim

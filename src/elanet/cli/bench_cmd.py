@@ -1,6 +1,9 @@
-"""``elanet bench``: time the training step of plain, MRLA-L, MRLA-B and ELA ResNets.
+"""``elanet bench``: time the training step of plain, MRLA-L, MRLA-B, ELA, DIA or any registered variant.
 
 Example::
+
+    elanet bench --depths 110 --variants plain dia ela --fractions 0 0.5   # ELA vs DIA
+    elanet bench --depths 50 --variants plain torchvision --batch-size 16  # our plain ResNet-50 vs torchvision's
 
     elanet bench --depths 56 110 --out bench.json          # CIFAR input, CPU, 2 threads, batch 64
     elanet bench --depths 50 --batch-size 16 --steps 5     # ImageNet ResNet-50 at 224x224
@@ -14,12 +17,16 @@ import sys
 
 import torch
 
-from ..bench import FRACTIONS, format_table, make_variants, run_benchmark, save_json
+from ..bench import DEFAULT_VARIANTS, FRACTIONS, format_table, make_variants, run_benchmark, save_json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--depths", type=int, nargs="+", default=[56, 110],
                    help="ResNet depths: 20/56/110 (CIFAR, 32x32) or 50/101 (ImageNet, 224x224)")
+    p.add_argument("--variants", nargs="+", default=None,
+                   help=f"variants per depth: plain, mrla_l, mrla_b, ela (one per --fractions), dia, se, eca, cbam, bam, "
+                        f"dla_l, gc, rla, or torchvision (torchvision.models.resnetN); default: {' '.join(DEFAULT_VARIANTS)}, "
+                        f"each where the depth has it")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=10, help="timed rounds (each runs every variant once)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
@@ -39,10 +46,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _command(args: argparse.Namespace) -> str:
     """The full command line, every setting spelled out."""
-    words = ["elanet", "bench", "--depths", *map(str, args.depths), "--batch-size", str(args.batch_size),
-             "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-             "--device", args.device, "--drop-path", f"{args.drop_path:g}", "--fractions", *(f"{f:g}" for f in args.fractions),
-             "--seed", str(args.seed), "--out", args.out]
+    words = ["elanet", "bench", "--depths", *map(str, args.depths)]
+    if args.variants:
+        words += ["--variants", *args.variants]
+    words += ["--batch-size", str(args.batch_size),
+              "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
+              "--device", args.device, "--drop-path", f"{args.drop_path:g}", "--fractions", *(f"{f:g}" for f in args.fractions),
+              "--seed", str(args.seed), "--out", args.out]
     if args.image_size:
         words += ["--image-size", str(args.image_size)]
     if args.no_kl:
@@ -64,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    variants = make_variants(args.depths, fractions=args.fractions, measure_kl=not args.no_kl, run_dir=args.run)
+    variants = make_variants(args.depths, variants=args.variants, fractions=args.fractions, measure_kl=not args.no_kl, run_dir=args.run)
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     if log:
         log(f"benchmarking {len(variants)} variants on {args.device} ({args.threads} threads), batch {args.batch_size}")
