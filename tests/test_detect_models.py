@@ -12,7 +12,8 @@ from elanet.detect.detectors import create_detector, detector_params
 # Table 3 (MMDetection counts: parameters that train with the stem and layer1 frozen), in M
 TABLE3 = {("faster_rcnn", "resnet50"): 41.5, ("faster_rcnn", "resnet50_mrla_l"): 41.7, ("faster_rcnn", "resnet50_ela"): 41.7,
           ("faster_rcnn", "resnet101"): 60.5, ("faster_rcnn", "resnet101_ela"): 60.9,
-          ("mask_rcnn", "resnet50"): 44.2, ("mask_rcnn", "resnet50_ela"): 44.3}
+          ("mask_rcnn", "resnet50"): 44.2, ("mask_rcnn", "resnet50_ela"): 44.3,
+          ("faster_rcnn", "resnet50_se"): 44.0, ("faster_rcnn", "resnet50_eca"): 41.5, ("faster_rcnn", "resnet50_rla"): 41.8}
 
 
 @pytest.mark.parametrize("kind,backbone", sorted(TABLE3))
@@ -82,7 +83,8 @@ def test_configs_load_and_the_ela_config_is_the_paper_recipe() -> None:
     from elanet.detect.config import resolve_detect_config
 
     files = sorted((Path(__file__).resolve().parents[1] / "configs" / "coco").glob("*.yaml"))
-    assert len(files) == 12  # {Faster, Mask} x {R-50, R-101} x {plain, MRLA-L, ELA}: the Table 3 rows elanet builds
+    # the Table 3 rows elanet builds: Faster R-CNN {plain, SE, ECA, RLA, MRLA-L, DLA, ELA}, Mask R-CNN the same + GC, x
+    assert len(files) == 30
     for f in files:
         cfg = resolve_detect_config(config_file=str(f))
         assert f.stem == f"{cfg.detector}_r{cfg.model.removeprefix('resnet')}"
