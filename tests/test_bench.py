@@ -95,11 +95,16 @@ def test_elanet_bench_tiny_run_writes_well_formed_json(tmp_path, capsys):
     assert main(argv) == 0
     table = capsys.readouterr().out
     report = json.loads(out.read_text())
-    assert report["schema"] == "elanet-bench/1" and report["command"].startswith("elanet bench --depths 20")
+    assert report["schema"] == "elanet-bench/2" and report["command"].startswith("elanet bench --depths 20")
     assert report["settings"]["batch_size"] == 2 and report["settings"]["threads"] == 1
+    assert report["settings"]["memory_formats"] == ["contiguous", "channels_last"]  # both layouts by default
     assert set(report["versions"]) >= {"python", "torch", "elanet"}
-    res = report["results"]
-    assert [r["variant"] for r in res] == ["plain", "MRLA-L", "MRLA-B", "ELA 0%", "ELA 50%", "ELA 100%", "ELA 0% +KL", "DIA"]
+    labels = ["plain", "MRLA-L", "MRLA-B", "ELA 0%", "ELA 50%", "ELA 100%", "ELA 0% +KL", "DIA"]
+    assert [(r["variant"], r["memory_format"]) for r in report["results"]] == [(v, f) for v in labels for f in ("contiguous", "channels_last")]
+    for nchw, nhwc in zip(report["results"][::2], report["results"][1::2]):
+        assert nchw["best_layout"] + nhwc["best_layout"] == 1  # exactly one faster layout per variant
+        assert nchw["gmacs"] == nhwc["gmacs"] and "NHWC" in table
+    res = report["results"][::2]
     for r in res:
         assert r["model"].startswith("resnet20") and r["depth"] == 20
         times = r["step_times_s"]
@@ -117,3 +122,31 @@ def test_elanet_bench_tiny_run_writes_well_formed_json(tmp_path, capsys):
 def test_elanet_bench_rejects_bad_arguments(tmp_path, capsys):
     assert main(["bench", "--depths", "20", "--steps", "0", "--threads", "1", "--out", str(tmp_path / "b.json")]) == 2
     assert "steps >= 1" in capsys.readouterr().err
+
+
+def test_memory_format_default_and_override():
+    from elanet.training import default_memory_format, resolve_memory_format
+
+    assert default_memory_format("cpu") == torch.channels_last == resolve_memory_format("auto", "cpu")
+    assert resolve_memory_format("contiguous", "cpu") == torch.contiguous_format
+    with pytest.raises(ValueError, match="channels_last, contiguous"):
+        resolve_memory_format("nhwc", "cpu")
+
+
+def test_gpu_script_dry_run_on_cpu(tmp_path):
+    """benchmarks/gpu.sh runs its two benchmarks end to end, shrunk onto the CPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "ELANET_GPU_DRY_RUN": "1", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run(["bash", str(root / "benchmarks" / "gpu.sh"), str(tmp_path)], env=env, check=True, capture_output=True)
+    for name, depth in (("resnet110_cifar.json", 20), ("resnet50_224.json", 50)):
+        report = json.loads((tmp_path / name).read_text())
+        got = {(r["variant"], r["memory_format"]) for r in report["results"]}
+        want = {"plain", "MRLA-L", "MRLA-B", "ELA 0%", "ELA 50%", "ELA 100%"} | ({"DIA"} if f"resnet{depth}_dia" in elanet.list_models() else set())
+        assert got == {(v, f) for v in want for f in ("contiguous", "channels_last")}
+        assert "--fractions 0 0.5 1" in report["command"] and "--no-kl" in report["command"]

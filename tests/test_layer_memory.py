@@ -78,3 +78,74 @@ def test_memory_length_capacity_and_lone_value():
     for t in range(3):
         grown.retrieve(logits[t].softmax(-1), values[t])
     assert all(torch.equal(a, b) for a, b in zip(grown.values, values))
+
+
+def _model_chain(logits, values, fmt):
+    """The buffered chain with every value in ``fmt``; outputs weighed so gradients mix blocks."""
+    vs = [v.contiguous(memory_format=fmt) for v in values]
+    outs = chain(logits, vs, buffered=True, capacity=len(vs))
+    return outs, sum((k + 1) * (o * o.detach().cos()).sum() for k, o in enumerate(outs))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))])
+def test_channels_last_matches_nchw_and_reference(device):
+    """Both layouts give the reference aggregation's outputs and gradients; channels-last stays channels-last."""
+    torch.manual_seed(0)
+    n, heads, c = 4, 2, 8
+    logits = [torch.randn(B, heads, t + 1, device=device, requires_grad=True) for t in range(n)]
+    values = [torch.randn(B, c, 3, 5, device=device, requires_grad=True) for _ in range(n)]
+    want_outs = [aggregate(lg.softmax(-1), values[: t + 1]) for t, lg in enumerate(logits)]
+    want = torch.autograd.grad(sum((k + 1) * (o * o.detach().cos()).sum() for k, o in enumerate(want_outs)), logits + values)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        outs, loss = _model_chain(logits, values, fmt)
+        assert all(o.is_contiguous(memory_format=fmt) for o in outs)
+        for o, w in zip(outs, want_outs):
+            torch.testing.assert_close(o, w, rtol=1e-5, atol=1e-6)
+        got = torch.autograd.grad(loss, logits + values)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_channels_last_values_and_gradient_layout():
+    """Stored values read back in their layout; the gradient reaches a channels-last value channels-last."""
+    logits, values = inputs(3)
+    cl = [v.detach().contiguous(memory_format=torch.channels_last).requires_grad_() for v in values]
+    memory = LayerMemory(capacity=3)
+    outs = [memory.retrieve(lg.softmax(-1), v) for lg, v in zip(logits, cl)]
+    assert all(torch.equal(a, b) and a.is_contiguous(memory_format=torch.channels_last) for a, b in zip(memory.values, cl))
+    grads = torch.autograd.grad(outs[0].sum() + 3 * outs[2].sum(), cl)
+    assert all(g.is_contiguous(memory_format=torch.channels_last) for g in grads)
+    want = torch.autograd.grad(sum(k * o.sum() for k, o in zip((1, 0, 3), chain(logits, values, buffered=False))), values)
+    for a, b in zip(grads, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_backward_state_lives_in_the_graph():
+    """A backward pass that stops early leaves nothing behind for the next one (no global pass state)."""
+    logits, values = inputs(3)
+    outs = chain(logits, values, buffered=True)
+    # only the newest block's own value: autograd never runs the earlier blocks' backward
+    torch.autograd.grad(outs[2].sum(), values[2], retain_graph=True)
+    got = torch.autograd.grad(outs[1].sum(), values[:2])
+    want = torch.autograd.grad(chain(logits, values, buffered=False)[1].sum(), values[:2])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_retrieval_under_torch_compile():
+    """Compiled (aot_eager, so no C++ toolchain is needed), the retrieval breaks the graph cleanly
+    and gives the reference gradients in both layouts."""
+    torch._dynamo.reset()
+    logits, values = inputs(3)
+    want = torch.autograd.grad(sum((k + 1) * o.sum() for k, o in enumerate(chain(logits, values, buffered=False))), logits + values)
+
+    def run(ls, vs):
+        memory = LayerMemory(capacity=len(vs))
+        return sum((k + 1) * memory.retrieve(lg.softmax(-1), v).sum() for k, (lg, v) in enumerate(zip(ls, vs)))
+
+    compiled = torch.compile(run, backend="aot_eager")
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        vs = [v.contiguous(memory_format=fmt) for v in values]
+        got = torch.autograd.grad(compiled(logits, vs), logits + values)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)

@@ -239,10 +239,11 @@ def test_adjacent_kl_matches_reference(m, n):
     q[0, 0, 0] = 0.0  # clamped to eps before the log
     q[1, 2, -1] = 1e-12
     p[2, 1, 0] = 1e-20
-    got = adjacent_kl(p, q)
+    got = adjacent_kl(p, q, check=False)  # the zeroed entries leave some rows unnormalised on purpose
     assert got.shape == (3, 4) and got.dtype == torch.float32
     np.testing.assert_allclose(got.double().numpy(), kl_ref(p.numpy(), q.numpy()), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(adjacent_kl(p, q, eps=1e-4).numpy(), kl_ref(p.numpy(), q.numpy(), 1e-4), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(adjacent_kl(p, q, eps=1e-4, check=False).numpy(), kl_ref(p.numpy(), q.numpy(), 1e-4),
+                               rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("extra", [1, 3])
@@ -261,7 +262,7 @@ def test_adjacent_kl_of_identical_distributions_is_zero(extra):
         ((2, 3, 2), (2, 4, 3), EPS, "leading shapes differ"),
         ((2, 3, 3), (2, 3, 3), EPS, "fewer layers"),
         ((2, 3, 4), (2, 3, 3), EPS, "fewer layers"),
-        ((2, 3, 2), (2, 3, 3), 0.0, "eps must be > 0"),
+        ((2, 3, 2), (2, 3, 3), 0.0, "eps must be in"),
     ],
 )
 def test_adjacent_kl_rejects_bad_shapes(p_shape, q_shape, eps, message):

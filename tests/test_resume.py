@@ -105,6 +105,7 @@ def test_torchrun_sigterm_inside_a_window_then_resume_equals_uninterrupted(tmp_p
     full = torchrun(tmp_path / "full", "full", 29531)
     out, _ = full.communicate(timeout=600)
     assert full.returncode == 0, out[-3000:]
+    assert "Grad strides do not match bucket view strides" not in out  # see test_loaders_yield_batches_with_canonical_strides
 
     cut = torchrun(tmp_path / "cut", "cut", 29532)
     marker = tmp_path / "cut.marker"

@@ -216,6 +216,6 @@ def test_tensorboard_events_where_installed(cifar, tmp_path):
 
 def test_bf16_autocast_and_channels_last_train(cifar, tmp_path):
     """The GPU flags also run on CPU: bf16 autocast and channels-last give a finite, pruned run."""
-    summary = train(tiny_cfg(cifar, tmp_path / "amp", epochs=1, windows=[[1, 1]], amp="bf16", channels_last=True), log=lambda s: None)
+    summary = train(tiny_cfg(cifar, tmp_path / "amp", epochs=1, windows=[[1, 1]], amp="bf16", memory_format="channels_last"), log=lambda s: None)
     rows = read_metrics(tmp_path / "amp")
     assert np.isfinite(float(rows[0]["train_loss"])) and not all(summary["mask"])

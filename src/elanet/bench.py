@@ -1,9 +1,10 @@
 """Training-step benchmark of plain, MRLA-L, MRLA-B, ELA and any other registered variant (paper §4.1, Figure 4).
 
-Every variant is built once, warmed up, then timed in rounds: each round runs one training step
-(forward, backward, optimiser step) of every variant, in a shuffled order, so that load from other
-processes spreads over all variants alike. Reported per variant: the median step time, the peak
-memory of one step and the MACs of one forward pass. ``elanet bench`` is the command line.
+Every variant is built once per memory layout (NCHW and channels-last by default), warmed up, then
+timed in rounds: each round runs one training step (forward, backward, optimiser step) of every
+variant in every layout, in a shuffled order, so that load from other processes spreads over all of
+them alike. Reported per variant and layout: the median step time, the peak memory of one step and
+the MACs of one forward pass, and which layout was faster. ``elanet bench`` is the command line.
 """
 from __future__ import annotations
 
@@ -26,13 +27,16 @@ from .attention import record_attention
 from .models import create_model, list_models, list_variants, model_info
 from .profile import profile
 from .pruning import PruningSchedule, ela_blocks, set_mask
+from .training.core import autocast
+from .training.layout import format_name, resolve_memory_format
 
 __all__ = [
     "Variant", "FRACTIONS", "DEFAULT_VARIANTS", "spread_mask", "run_mask", "make_variants", "peak_memory", "run_benchmark",
     "format_table", "save_json", "SCHEMA",
 ]
 
-SCHEMA = "elanet-bench/1"
+SCHEMA = "elanet-bench/2"
+LAYOUTS = ("contiguous", "channels_last")
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 MEMORY_NOTE = (
     "peak bytes of tensors allocated during one training step (forward, backward, optimiser step) above "
@@ -226,9 +230,12 @@ def peak_memory(step: Callable[[], Any], device: torch.device) -> int:
 class _Runner:
     """A variant's model, optimiser and one training step on a fixed batch."""
 
-    def __init__(self, v: Variant, *, num_classes: int, drop_path: float, device: torch.device, seed: int) -> None:
+    def __init__(self, v: Variant, *, num_classes: int, drop_path: float, device: torch.device, seed: int,
+                 memory_format: torch.memory_format = torch.contiguous_format, amp: str = "none") -> None:
         torch.manual_seed(seed)
-        self.model = _build(v.model, num_classes=num_classes, drop_path=drop_path).to(device).train()
+        model = _build(v.model, num_classes=num_classes, drop_path=drop_path)
+        self.model = model.to(device=device, memory_format=memory_format).train()
+        self.memory_format, self.amp = memory_format, amp
         if v.mask is not None:
             set_mask(self.model, v.mask)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -238,12 +245,13 @@ class _Runner:
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.opt.zero_grad(set_to_none=True)
-        if self.schedule is not None:
-            with record_attention(self.model) as rec:
-                loss = F.cross_entropy(self.model(x), y)
-            self.schedule.accumulate(rec)
-        else:
-            loss = F.cross_entropy(self.model(x), y)
+        with autocast(self.device, self.amp):
+            if self.schedule is not None:
+                with record_attention(self.model) as rec:
+                    loss = F.cross_entropy(self.model(x).float(), y)
+                self.schedule.accumulate(rec)
+            else:
+                loss = F.cross_entropy(self.model(x).float(), y)
         loss.backward()
         self.opt.step()
         if self.device.type == "cuda":
@@ -260,6 +268,8 @@ def run_benchmark(
     image_size: int | None = None,
     drop_path: float = 0.2,
     seed: int = 0,
+    memory_formats: Sequence[str] = LAYOUTS,
+    amp: str = "none",
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Time the training step of every variant, interleaved, and measure its memory and MACs.
@@ -273,6 +283,9 @@ def run_benchmark(
         image_size: side of the square input (default: the family's, 32 for CIFAR, 224 for ImageNet).
         drop_path: DropPath rate of the attention branch (the paper trains with 0.2).
         seed: seeds the models, the batch and the round order.
+        memory_formats: layouts to time every variant in: ``'contiguous'`` (NCHW), ``'channels_last'``,
+            ``'auto'`` (the device's default, :func:`elanet.training.default_memory_format`).
+        amp: ``'none'``, or ``'bf16'`` / ``'fp16'`` autocast around forward and loss (as ``elanet train --amp``).
         log: called with a progress line after every round.
 
     Returns:
@@ -281,30 +294,39 @@ def run_benchmark(
     if batch_size < 1 or steps < 1 or warmup < 0:
         raise ValueError(f"need batch_size >= 1, steps >= 1, warmup >= 0, got {batch_size}, {steps}, {warmup}")
     device = torch.device(device)
+    if amp not in ("none", "bf16", "fp16"):
+        raise ValueError(f"amp must be none, bf16 or fp16, got {amp!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but CUDA is not available: use --device cpu")
+    formats = list(dict.fromkeys(resolve_memory_format(f, device) for f in memory_formats))
+    if not formats:
+        raise ValueError("memory_formats is empty: pass contiguous, channels_last or auto")
     families = {_info(v.model)["family"] for v in variants}
-    runners, inputs = [], {}
+    runners, inputs, cases = [], {}, []
     for v in variants:
         info = _info(v.model)
         size = (3, image_size, image_size) if image_size else info["input_size"]
-        if info["family"] not in inputs:
-            g = torch.Generator().manual_seed(seed)
-            x = torch.randn(batch_size, *size, generator=g)
-            y = torch.randint(0, info["num_classes"], (batch_size,), generator=g)
-            inputs[info["family"]] = (x.to(device), y.to(device), size)
-        runners.append(_Runner(v, num_classes=info["num_classes"], drop_path=drop_path, device=device, seed=seed))
+        for fmt in formats:
+            key = (info["family"], fmt)
+            if key not in inputs:
+                g = torch.Generator().manual_seed(seed)
+                x = torch.randn(batch_size, *size, generator=g)
+                y = torch.randint(0, info["num_classes"], (batch_size,), generator=g)
+                inputs[key] = (x.to(device).contiguous(memory_format=fmt), y.to(device), size)
+            runners.append(_Runner(v, num_classes=info["num_classes"], drop_path=drop_path, device=device, seed=seed,
+                                   memory_format=fmt, amp=amp))
+            cases.append((v, key))
 
-    times: list[list[float]] = [[] for _ in variants]
-    cpu_times: list[list[float]] = [[] for _ in variants]
-    order = list(range(len(variants)))
+    times: list[list[float]] = [[] for _ in cases]
+    cpu_times: list[list[float]] = [[] for _ in cases]
+    order = list(range(len(cases)))
     rng = random.Random(seed)
     load = [os.getloadavg()[0]] if hasattr(os, "getloadavg") else []
     start = time.perf_counter()
     for r in range(warmup + steps):
         rng.shuffle(order)
         for i in order:
-            x, y, _ = inputs[_info(variants[i].model)["family"]]
+            x, y, _ = inputs[cases[i][1]]
             t, c = time.perf_counter(), time.process_time()
             runners[i].step(x, y)
             if r >= warmup:
@@ -317,8 +339,8 @@ def run_benchmark(
             log(f"round {r + 1}/{warmup + steps} ({kind}) done after {time.perf_counter() - start:.0f} s")
 
     results = []
-    for v, runner, ts, cs in zip(variants, runners, times, cpu_times):
-        x, y, size = inputs[_info(v.model)["family"]]
+    for (v, key), runner, ts, cs in zip(cases, runners, times, cpu_times):
+        x, y, size = inputs[key]
         runner.opt.zero_grad(set_to_none=True)
         memory = peak_memory(lambda: runner.step(x, y), device)
         prof = profile(runner.model, size)
@@ -327,6 +349,7 @@ def run_benchmark(
             "model": v.model,
             "depth": v.depth,
             "variant": v.label,
+            "memory_format": format_name(key[1]),
             "pruned_fraction": v.pruned_fraction,
             "active_ela_blocks": sum(m.active for m in blocks) if v.mask is not None else None,
             "measure_kl": v.measure_kl,
@@ -340,14 +363,17 @@ def run_benchmark(
             "mparams": prof.mparams,
         })
         if log is not None:
-            log(f"measured memory and MACs of {v.model} {v.label}")
+            log(f"measured memory and MACs of {v.model} {v.label} ({format_name(key[1])})")
+    for r in results:  # the faster layout of each variant, by median step
+        same = [o for o in results if o["model"] == r["model"] and o["variant"] == r["variant"]]
+        r["best_layout"] = r is min(same, key=lambda o: o["median_step_s"])
     return {
         "schema": SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "settings": {
             "batch_size": batch_size, "steps": steps, "warmup": warmup, "device": str(device),
             "threads": torch.get_num_threads(), "image_size": image_size, "drop_path": drop_path, "seed": seed,
-            "families": sorted(families),
+            "families": sorted(families), "memory_formats": [format_name(f) for f in formats], "amp": amp,
             "optimizer": "SGD(lr=0.1, momentum=0.9, weight_decay=1e-4)",
             "memory": MEMORY_NOTE,
         },
@@ -371,13 +397,16 @@ def _versions() -> dict[str, str]:
 
 
 def _reference(results: list[dict], r: dict, label: str) -> dict | None:
-    return next((o for o in results if o["depth"] == r["depth"] and o["variant"] == label), None)
+    """The entry of ``label`` at the depth of ``r``, in its faster layout."""
+    same = [o for o in results if o["depth"] == r["depth"] and o["variant"] == label]
+    return next((o for o in same if o.get("best_layout", True)), same[0] if same else None)
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """The results as a text table: median step, ratios to plain and MRLA-B, memory, GMACs."""
+    """The results as a text table: median step, ratios to plain and MRLA-B (each in its faster layout),
+    memory, GMACs; ``*`` marks a variant's faster layout."""
     res = report["results"]
-    head = (f"{'model':<16} {'variant':<11} {'pruned':>6} {'step ms':>8} {'xplain':>6} {'xMRLA-B':>7} {'+ms':>7} "
+    head = (f"{'model':<16} {'variant':<11} {'layout':<8} {'pruned':>6} {'step ms':>8} {'xplain':>6} {'xMRLA-B':>7} {'+ms':>7} "
             f"{'peak MB':>8} {'xMRLA-B':>7} {'GMACs':>7}")
     lines = [head, "-" * len(head)]
     for r in res:
@@ -386,8 +415,9 @@ def format_table(report: dict[str, Any]) -> str:
         ratio = lambda ref, key: f"{r[key] / ref[key]:.2f}" if ref and ref[key] else "-"  # noqa: E731
         over = f"{1e3 * (t - plain['median_step_s']):+.0f}" if plain else "-"
         pruned = "-" if r["pruned_fraction"] is None else f"{100 * r['pruned_fraction']:.0f}%"
+        layout = ("NHWC" if r.get("memory_format") == "channels_last" else "NCHW") + ("*" if r.get("best_layout") else "")
         lines.append(
-            f"{r['model']:<16} {r['variant']:<11} {pruned:>6} {1e3 * t:>8.0f} {ratio(plain, 'median_step_s'):>6} "
+            f"{r['model']:<16} {r['variant']:<11} {layout:<8} {pruned:>6} {1e3 * t:>8.0f} {ratio(plain, 'median_step_s'):>6} "
             f"{ratio(base, 'median_step_s'):>7} {over:>7} {r['peak_memory_bytes'] / 2**20:>8.0f} "
             f"{ratio(base, 'peak_memory_bytes'):>7} {r['gmacs']:>7.4f}"
         )

@@ -1,12 +1,21 @@
 """Retrieval over the layers of a stage: the per-forward key/value memory and its aggregation.
 
 The aggregation o_t = sum_s alpha_{t,s} v_s (paper eq. 5) is one batched matrix product per block.
-A stage keeps the values of its active blocks in one buffer ``[layers, B, C*H*W]``; block t reads
-its t values through a strided view, so it copies nothing and its cost grows with the number of
-active layers it reads. Backward mirrors this: every block adds its share of the earlier values'
-gradients into a matching gradient buffer with one broadcast multiply-add, and a value receives its
-complete gradient when the backward pass reaches its own block. Only the buffer and the attention
-weights are kept for backward, so the memory of a stage grows with its number of active layers.
+A stage keeps the values of its active blocks in one buffer ``[layers, B*heads, d*H*W]``, each
+head's channels contiguous; block t reads its t values through a strided view, so it copies nothing
+and its cost grows with the number of active layers it reads.
+
+Both memory layouts run natively. For NCHW values a head's slot is ``[d, H, W]``, which is the value
+itself; for channels-last values it is ``[H, W, d]``, so storing a value is one copy either way and
+the product is the same ``bmm``. The channels-last output is written straight into a channels-last
+tensor, and the gradient reaches the value in its own layout.
+
+Backward mirrors the forward: every block adds its share of the earlier values' gradients into
+partial sums with one broadcast multiply-add. The partial sums travel backwards through autograd
+itself, as the gradient of a zero-stride "link" output that each retrieval hands to the next one:
+a value receives its complete gradient when the backward pass reaches its own block, and nothing
+outside the graph keeps gradient state, so partial, repeated and retained backward passes need no
+bookkeeping.
 """
 from __future__ import annotations
 
@@ -17,44 +26,61 @@ from torch.autograd.function import once_differentiable
 __all__ = ["LayerMemory", "aggregate"]
 
 
+def _channels_last(x: Tensor) -> bool:
+    """Whether ``x`` [B, C, H, W] is laid out channels-last (and not also plainly contiguous)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _heads(x: Tensor, heads: int, channels_last: bool) -> Tensor:
+    """``[B, C, H, W]`` as the 5-D view a buffer slot holds: ``[B, heads, d, H, W]`` or, channels-last,
+    ``[B, heads, H, W, d]`` (a view for any strides)."""
+    x = x.unflatten(1, (heads, -1))
+    return x.permute(0, 1, 3, 4, 2) if channels_last else x
+
+
 class _Values:
-    """A stage's values in one buffer, and their gradient partial sums during backward.
+    """A stage's values in one buffer, slot s holding the s-th value per head.
 
     Shared by the memory and the backward of every retrieval; it holds no autograd outputs, so
     no reference cycle runs through the graph.
     """
 
-    __slots__ = ("capacity", "buf", "shape", "len", "grad", "grad_len", "grad_task")
+    __slots__ = ("capacity", "buf", "shape", "len", "channels_last")
 
     def __init__(self, capacity: int | None) -> None:
         self.capacity = capacity
-        self.buf: Tensor | None = None  # [capacity, B, C*H*W]: slot s holds the s-th value
+        self.buf: Tensor | None = None  # [capacity, B*heads, d*H*W]
         self.shape: torch.Size | None = None
         self.len = 0
-        self.grad: Tensor | None = None  # [n, B*heads, d*H*W] partial sums, during one backward pass
-        self.grad_len = 0  # slots of ``grad`` holding partial sums
-        self.grad_task = -1  # the backward pass ``grad`` belongs to
+        self.channels_last = False
 
-    def store(self, value: Tensor) -> None:
+    def slot(self, s: int, heads: int) -> Tensor:
+        """Slot s as the 5-D per-head view of :func:`_heads`."""
+        b, c, h, w = self.shape
+        d = c // heads
+        dims = (b, heads, h, w, d) if self.channels_last else (b, heads, d, h, w)
+        return self.buf[s].view(dims)
+
+    def store(self, value: Tensor, heads: int) -> None:
         if self.capacity == 1 and self.len == 0:  # the stage's only value: no later block reads it, keep nothing
-            self.shape, self.len = value.shape, 1
+            self.shape, self.len, self.channels_last = value.shape, 1, _channels_last(value)
             return
         if self.capacity is not None and self.len >= self.capacity:
             raise ValueError(f"the memory holds at most {self.capacity} values (its capacity); pass capacity=None to let it grow")
         if self.buf is None:
-            self.shape = value.shape
-            self.buf = value.new_empty((max(self.capacity or 1, 1), value.shape[0], value[0].numel()))
+            self.shape, self.channels_last = value.shape, _channels_last(value)
+            self.buf = value.new_empty((max(self.capacity or 1, 1), value.shape[0] * heads, value[0].numel() // heads))
         elif self.len == self.buf.shape[0]:  # over capacity: double, copying the earlier slots
             grown = self.buf.new_empty((2 * self.len, *self.buf.shape[1:]))
             grown[: self.len].copy_(self.buf)
             self.buf = grown
-        self.buf[self.len].view(self.shape).copy_(value)
+        self.slot(self.len, heads).copy_(_heads(value, heads, self.channels_last))
         self.len += 1
 
 
-def _per_head(buf: Tensor, n: int, groups: int) -> Tensor:
-    """Slots ``[0, n)`` of a ``[slots, B, C*H*W]`` buffer as ``[B*heads, n, d*H*W]`` (a view, no copy)."""
-    return buf[:n].view(n, groups, -1).transpose(0, 1)
+def _per_head(buf: Tensor, n: int) -> Tensor:
+    """Slots ``[0, n)`` of a ``[slots, B*heads, X]`` buffer as ``[B*heads, n, X]`` (a view, no copy)."""
+    return buf[:n].transpose(0, 1)
 
 
 class LayerMemory:
@@ -77,95 +103,133 @@ class LayerMemory:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
         self.keys: list[Tensor] = []  # each [B, heads, d]
         self._values = _Values(capacity)
-        self._link: Tensor | None = None  # orders the backward of consecutive retrievals
+        self._link: Tensor | None = None  # carries the earlier values' gradient partial sums backwards
 
     def __len__(self) -> int:
         return self._values.len
 
     @property
     def values(self) -> list[Tensor]:
-        """The stored values ``[B, C, H, W]``, oldest first (views of the stage's buffer).
+        """The stored values ``[B, C, H, W]`` in their layout, oldest first (copies of the buffer's slots).
 
         Empty for a memory of capacity 1: the only value of a stage is read once and not kept.
         """
         v = self._values
-        return [v.buf[s].view(v.shape) for s in range(v.len)] if v.buf is not None else []
+        if v.buf is None:
+            return []
+        heads = v.buf.shape[1] // v.shape[0]
+        fmt = torch.channels_last if v.channels_last else torch.contiguous_format
+        outs = []
+        for s in range(v.len):
+            out = torch.empty(v.shape, dtype=v.buf.dtype, device=v.buf.device, memory_format=fmt)
+            _heads(out, heads, v.channels_last).copy_(v.slot(s, heads))
+            outs.append(out)
+        return outs
 
+    @torch.compiler.disable
     def retrieve(self, weights: Tensor, value: Tensor) -> Tensor:
         """Store ``value`` as the newest layer, then aggregate all stored values (paper eq. 5).
+
+        Under ``torch.compile`` this is a graph break: the retrieval runs eagerly, with the same
+        gradients.
 
         Args:
             weights: attention ``[B, heads, n]`` over the ``n = len(self) + 1`` layers, newest last: a
                 softmax over the layers. With one layer it is constantly 1, so no gradient reaches it.
-            value: ``[B, C, H, W]`` value of the current layer; channels split contiguously into heads.
+            value: ``[B, C, H, W]`` value of the current layer, NCHW or channels-last; channels split
+                contiguously into heads.
 
         Returns:
-            ``[B, C, H, W]``: for head h, ``sum_s weights[:, h, s] * v_s[:, h-th channel group]``.
+            ``[B, C, H, W]`` in the layout of the stored values: for head h,
+            ``sum_s weights[:, h, s] * v_s[:, h-th channel group]``.
         """
         if weights.shape[-1] != len(self) + 1:
             raise ValueError(f"got {weights.shape[-1]} attention weights for {len(self) + 1} values (stored + new)")
-        if weights.shape[0] != value.shape[0] or value.shape[1] % weights.shape[1]:
+        if value.ndim != 4 or weights.shape[0] != value.shape[0] or value.shape[1] % weights.shape[1]:
             raise ValueError(f"weights {tuple(weights.shape)} do not fit a value of shape {tuple(value.shape)}")
         if self._values.shape is not None and value.shape != self._values.shape:
             raise ValueError(f"value shape {tuple(value.shape)} differs from the stage's {tuple(self._values.shape)}")
-        link = self._link if self._link is not None else weights.new_empty(0)
-        out, self._link = _Retrieve.apply(weights, value, link, self._values)
+        out, self._link = _Retrieve.apply(weights, value, self._link, self._values)
         return out
 
 
 class _Retrieve(torch.autograd.Function):
     """Store the newest value in the stage's buffer and aggregate the first n slots.
 
-    Autograd sees only (weights, newest value, link): the gradients of the earlier values are
-    accumulated in ``values.grad`` and returned by their own block's backward. ``link`` is an
-    empty tensor produced by the previous retrieval of the stage; consuming it makes that
-    retrieval's backward wait for this one, so a value's gradient is complete when handed out.
+    Autograd sees (weights, newest value, link). ``link`` is the previous retrieval's second
+    output, an ``[n-1, B*heads, X]`` zero-stride tensor standing for the earlier slots; its
+    gradient is the partial sums of those slots' gradients. Backward adds this block's share to
+    the partial sums it receives, returns the complete gradient of its own value, and passes the
+    rest on as the gradient of ``link``. Consuming ``link`` also orders the backward of
+    consecutive retrievals: later blocks run first.
     """
 
     @staticmethod
-    def forward(ctx, weights: Tensor, value: Tensor, link: Tensor, values: _Values):  # type: ignore[override]
-        values.store(value)
+    def forward(ctx, weights: Tensor, value: Tensor, link: Tensor | None, values: _Values):  # type: ignore[override]
         b, heads, n = weights.shape
-        ctx.values, ctx.n = values, n
+        values.store(value, heads)
+        ctx.set_materialize_grads(False)
+        ctx.values, ctx.n, ctx.heads = values, n, heads
         ctx.save_for_backward(weights)
-        stacked = _per_head(values.buf if values.buf is not None else value.reshape(1, b, -1), n, b * heads)
-        out = torch.bmm(weights.reshape(b * heads, 1, n).to(stacked.dtype), stacked)  # [B*heads, 1, d*H*W]
-        return out.view(value.shape), link.new_empty(0)
+        if values.buf is None:  # the stage's only value: a softmax over one layer is exactly 1
+            out = value.view_as(value)
+        else:
+            stacked = _per_head(values.buf, n)  # [B*heads, n, X]
+            o = torch.bmm(weights.reshape(b * heads, 1, n).to(stacked.dtype), stacked)  # [B*heads, 1, X]
+            if values.channels_last:  # written once, into the value's layout
+                out = torch.empty_like(value, memory_format=torch.channels_last)
+                _heads(out, heads, True).copy_(o.view(values.slot(0, heads).shape))
+            else:
+                out = o.view(value.shape)
+        link_out = value.new_zeros(()).expand(n, b * heads, value[0].numel() // heads)
+        return out, link_out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: Tensor, _grad_link: Tensor):  # type: ignore[override]
-        values, n = ctx.values, ctx.n
+    def backward(ctx, grad: Tensor | None, partial: Tensor | None):  # type: ignore[override]
+        values, n, heads = ctx.values, ctx.n, ctx.heads
         (weights,) = ctx.saved_tensors
-        b, heads, _ = weights.shape
-        g = grad.reshape(b * heads, 1, -1) if n > 1 or values.len > 1 else grad
-        grad_w = grad_v = None
+        b = weights.shape[0]
+        grad_w = grad_v = grad_link = None
+        if values.buf is None:  # the lone value: out = value, and the weight is constantly 1
+            if ctx.needs_input_grad[0]:
+                grad_w = torch.zeros_like(weights)
+            return grad_w, grad, None, None
+        if grad is None and partial is None:
+            return None, None, None, None
+        cl = values.channels_last
+        shape5 = values.slot(0, heads).shape  # a slot as [B, heads, ...]
+        g = None if grad is None else _heads(grad, heads, cl).contiguous().view(b * heads, 1, -1)  # buffer order
         if ctx.needs_input_grad[0]:
-            if n == 1:  # a softmax over one layer has a zero Jacobian: this gradient never reaches the logits
+            if n == 1 or g is None:  # a softmax over one layer has a zero Jacobian: no product needed
                 grad_w = torch.zeros_like(weights)
             else:
-                grad_w = torch.bmm(g, _per_head(values.buf, n, b * heads).transpose(1, 2)).view(b, heads, n).to(weights.dtype)
-        if n == 1 and values.len == 1:  # the stage's only value: no later block contributed
-            grad_v = grad if ctx.needs_input_grad[1] else None
-        elif ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            task = torch._C._current_graph_task_id()
-            if values.grad is None or values.grad_task != task:  # the first retrieval of this backward pass
-                values.grad = g.new_empty((n, b * heads, g.shape[-1]))
-                values.grad_len, values.grad_task = 0, task
-            # slot s gets alpha_s * g: one broadcast multiply(-add) over all the slots read here
-            w = weights.reshape(b * heads, n).t().contiguous().unsqueeze(-1).to(g.dtype)  # [n, B*heads, 1]
-            g = g.view(1, b * heads, -1)
-            k = min(values.grad_len, n)  # slots [0, k) hold the partial sums of later blocks
-            if k:
-                values.grad[:k].addcmul_(w[:k], g)
-            if n > k:
-                torch.mul(w[k:], g, out=values.grad[k:n])
-            # slot n-1 now has every contribution: later blocks ran first (see ``link``)
-            grad_v = values.grad[n - 1].view(grad.shape) if ctx.needs_input_grad[1] else None
-            values.grad_len = n - 1
-            if n == 1:
-                values.grad = None
-        return grad_w, grad_v, None, None
+                grad_w = torch.bmm(g, _per_head(values.buf, n).transpose(1, 2)).view(b, heads, n).to(weights.dtype)
+        w = weights.reshape(b * heads, n).t().contiguous().unsqueeze(-1)  # [n, B*heads, 1]
+        last = n if not cl else n - 1  # channels-last: the newest slot is written straight into the value's layout
+        if g is not None:  # slot s gets alpha_s * g: one broadcast multiply(-add) over the slots
+            w, g = w.to(g.dtype), g.view(1, b * heads, -1)
+            if partial is None:  # the first retrieval of this backward pass to receive a gradient
+                partial = torch.mul(w[:last], g, out=g.new_empty((last, *g.shape[1:]))) if last else None
+            else:
+                partial[:last].addcmul_(w[:last], g)
+        # slot n-1 now has every contribution: later blocks ran first (they consumed ``link``)
+        if ctx.needs_input_grad[1]:
+            if not cl:
+                grad_v = partial[n - 1].view(grad.shape if grad is not None else values.shape)
+            else:
+                grad_v = torch.empty(values.shape, dtype=(g if g is not None else partial).dtype, device=weights.device,
+                                     memory_format=torch.channels_last)
+                dst = _heads(grad_v, heads, True)
+                if g is None:
+                    dst.copy_(partial[n - 1].view(shape5))
+                elif partial is None or n > partial.shape[0]:
+                    torch.mul(g.view(shape5), w[n - 1].view(b, heads, 1, 1, 1), out=dst)
+                else:
+                    torch.addcmul(partial[n - 1].view(shape5), g.view(shape5), w[n - 1].view(b, heads, 1, 1, 1), out=dst)
+        if n > 1 and ctx.needs_input_grad[2] and partial is not None:
+            grad_link = partial[: n - 1]
+        return grad_w, grad_v, grad_link, None
 
 
 def aggregate(weights: Tensor, values: list[Tensor]) -> Tensor:
@@ -184,6 +248,6 @@ def aggregate(weights: Tensor, values: list[Tensor]) -> Tensor:
     if weights.shape[-1] != len(values):
         raise ValueError(f"got {weights.shape[-1]} attention weights for {len(values)} values")
     b, heads, n = weights.shape
-    stacked = _per_head(torch.stack([v.reshape(b, -1) for v in values]), n, b * heads)  # [B*heads, n, d*H*W]
+    stacked = torch.stack([v.reshape(b * heads, -1) for v in values], dim=1)  # [B*heads, n, d*H*W]
     out = torch.bmm(weights.reshape(b * heads, 1, n).to(stacked.dtype), stacked)
     return out.view(values[-1].shape)

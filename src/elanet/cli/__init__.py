@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(modules[args.command].run(args) or 0)
-    except (UsageError, ValueError, FileNotFoundError) as e:
-        print(f"elanet {args.command}: error: {e}", file=sys.stderr)
+    except (UsageError, ValueError, OSError) as e:  # OSError: missing files, full disk, permissions
+        msg = str(e)
+        if isinstance(e, OSError) and e.errno and e.strerror:  # "[Errno 28] ..." -> the message itself
+            msg = e.strerror + (f": {e.filename}" if e.filename else "")
+        print(f"elanet {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -17,7 +17,9 @@ import sys
 
 import torch
 
-from ..bench import DEFAULT_VARIANTS, FRACTIONS, format_table, make_variants, run_benchmark, save_json
+from ..bench import DEFAULT_VARIANTS, FRACTIONS, LAYOUTS, format_table, make_variants, run_benchmark, save_json
+from ..training.layout import MEMORY_FORMATS
+from .paths import check_output_file
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,6 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-kl", action="store_true", help="leave out 'ELA 0%% +KL' (KL scores accumulated every step)")
     p.add_argument("--run", default=None,
                    help="training run folder: adds 'ELA run' with the final mask of its pruning.json")
+    p.add_argument("--memory-format", default="both", choices=["both", *MEMORY_FORMATS],
+                   help="layouts to time: both (default: NCHW and channels-last, the faster one marked), auto (the "
+                        "device's default), channels_last or contiguous")
+    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast of forward and loss")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench.json", help="JSON file for the results")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -56,7 +62,7 @@ def _command(args: argparse.Namespace) -> str:
     words += ["--batch-size", str(args.batch_size),
               "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
               "--device", args.device, "--drop-path", f"{args.drop_path:g}", "--fractions", *(f"{f:g}" for f in args.fractions),
-              "--seed", str(args.seed), "--out", args.out]
+              "--memory-format", args.memory_format, "--amp", args.amp, "--seed", str(args.seed), "--out", args.out]
     if args.image_size:
         words += ["--image-size", str(args.image_size)]
     if args.no_kl:
@@ -69,6 +75,9 @@ def _command(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.image_size is not None and args.image_size < 8:
+        raise ValueError(f"--image-size must be >= 8 (or left out for the default), got {args.image_size}")
+    check_output_file(args.out)  # before the benchmark runs, not after
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -107,6 +116,7 @@ def _run(args: argparse.Namespace) -> int:
     report = run_benchmark(
         variants, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, device=args.device,
         image_size=args.image_size, drop_path=args.drop_path, seed=args.seed, log=log,
+        memory_formats=LAYOUTS if args.memory_format == "both" else (args.memory_format,), amp=args.amp,
     )
     report["command"] = _command(args)
     print(format_table(report))

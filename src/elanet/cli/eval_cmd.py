@@ -26,12 +26,18 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     cfg = ckpt["config"]
     dataset = args.dataset or cfg["dataset"]
-    data = build_data(dataset, data_dir=args.data_dir or cfg.get("data_dir"), batch_size=args.batch_size,
-                      eval_batch_size=args.batch_size, device=device, workers=cfg.get("workers", 4),
-                      image_size=cfg.get("image_size"))
+    same = dataset == cfg["dataset"]
+    data_dir = args.data_dir or (cfg.get("data_dir") if same else None)
+    folder = dataset in ("imagenet", "folder")
+    if not same and dataset != "digits" and not args.data_dir:
+        raise ValueError(f"the checkpoint was trained on {cfg['dataset']}: pass --data-dir for {dataset}")
+    image_size = ckpt.get("image_size", cfg.get("image_size")) if folder and ckpt.get("dataset", cfg["dataset"]) in ("imagenet", "folder") else None
+    data = build_data(dataset, data_dir=data_dir, batch_size=args.batch_size, eval_batch_size=args.batch_size,
+                      device=device, workers=cfg.get("workers", 4), image_size=image_size)
     if data.num_classes != ckpt["num_classes"] or data.in_chans != ckpt["in_chans"]:
         raise ValueError(f"{dataset} has {data.num_classes} classes / {data.in_chans} channels but the checkpoint expects "
-                         f"{ckpt['num_classes']} / {ckpt['in_chans']}: evaluate on the dataset it was trained on")
+                         f"{ckpt['num_classes']} / {ckpt['in_chans']}: evaluate on the dataset it was trained on "
+                         f"({cfg['dataset']}, the default when --dataset is left out)")
     model = model_from_checkpoint(ckpt, device=device)
     res = evaluate(model, data.test, amp=args.amp)
     mask = get_mask(model) if ela_blocks(model) else []

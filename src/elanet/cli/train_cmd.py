@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 
 from ..training.config import PRESETS, TrainConfig, load_run_config, resolve_config
+from ..training.layout import MEMORY_FORMATS
 from . import UsageError
 
-RUNTIME = ("device", "workers", "threads", "epochs", "plots", "tensorboard")  # what --resume may change
+RUNTIME = ("device", "workers", "threads", "epochs", "plots", "tensorboard", "memory_format")  # what --resume may change
 
 
 def _windows(text: str) -> list[list[int]]:
@@ -68,7 +69,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int)
     g.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     g.add_argument("--amp", choices=["none", "bf16", "fp16"], help="mixed precision (GPU runs)")
-    g.add_argument("--channels-last", action="store_const", const=True, help="channels-last memory format (GPU runs)")
+    g.add_argument("--memory-format", choices=MEMORY_FORMATS,
+                   help="tensor layout: auto (default: the device's faster one, channels_last on CPU and CUDA), channels_last or contiguous")
+    g.add_argument("--channels-last", dest="memory_format", action="store_const", const="channels_last",
+                   help="the same as --memory-format channels_last (kept for older commands)")
     g.add_argument("--workers", type=int, help="DataLoader workers for imagenet/folder")
     g.add_argument("--threads", type=int, help="CPU threads for torch")
     g.add_argument("--no-plots", dest="plots", action="store_const", const=False, help="do not draw figures into the run folder")

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .cifar import download_cifar, read_cifar, read_digits
-from .folder import FolderLoader, eval_transform, read_image_folders, train_transform
+from .folder import FolderLoader, Unreadable, eval_transform, read_image_folders, train_transform
 from .memory import MemoryLoader, normalize
 
 __all__ = ["DATASETS", "DataBundle", "Loader", "build_data", "CIFAR_MEAN", "CIFAR_STD", "IMAGENET_MEAN",
@@ -139,7 +139,7 @@ def build_data(name: str, *, data_dir: str | None = None, batch_size: int = 128,
         test = FolderLoader(val_set, eval_transform(size), batch_size=eval_batch_size, train=False, **common)
 
         def sample(n: int) -> tuple[Tensor, Tensor]:
-            items = [test.dataset[i] for i in range(min(n, len(val_set)))]
+            items = [it for it in (test.dataset[i] for i in range(min(n, len(val_set)))) if not isinstance(it, Unreadable)]
             x = torch.stack([im for im, _ in items]).to(device)
             y = torch.tensor([lab for _, lab in items], dtype=torch.int64, device=device)
             return normalize(x, mean=test.mean, std=test.std, scale=255.0), y

@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Sequence
+import sys
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from .memory import normalize
 from .sharding import derive_seed, num_batches, shard_indices
 
 __all__ = ["train_transform", "eval_transform", "read_image_folders", "EpochSeededDataset", "ShardSampler",
-           "FolderLoader"]
+           "FolderLoader", "Unreadable", "collate_readable"]
 
 
 def train_transform(size: int):
@@ -65,11 +66,39 @@ class EpochSeededDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        img, label = self.base[i]
+    def __getitem__(self, i: int) -> tuple[Tensor, int] | Unreadable:
+        """The augmented sample, or :class:`Unreadable` naming the file when it cannot be decoded."""
+        try:
+            img, label = self.base[i]
+        except UNREADABLE as e:
+            path = self.base.samples[i][0] if hasattr(self.base, "samples") else f"sample {i}"
+            return Unreadable(str(path), f"{type(e).__name__}: {e}".splitlines()[0][:200])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(2, self.seed, self.epoch, i))
             return self.transform(img), label
+
+
+class Unreadable(NamedTuple):
+    """A file of the dataset that could not be decoded: left out of its batch, reported once."""
+
+    path: str
+    reason: str
+
+
+def _PIL_errors() -> tuple[type[BaseException], ...]:
+    from PIL import Image
+
+    return (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+UNREADABLE = _PIL_errors()  # truncated, empty, non-image and over-large files
+
+
+def collate_readable(batch: list) -> tuple[tuple[Tensor, Tensor] | None, list[Unreadable]]:
+    """``default_collate`` of the readable samples, and the unreadable ones."""
+    bad = [b for b in batch if isinstance(b, Unreadable)]
+    good = [b for b in batch if not isinstance(b, Unreadable)]
+    return (default_collate(good) if good else None), bad
 
 
 class ShardSampler(Sampler[int]):
@@ -77,21 +106,24 @@ class ShardSampler(Sampler[int]):
 
     def __init__(self, n: int, *, train: bool, rank: int, world_size: int, seed: int) -> None:
         self.n, self.train, self.rank, self.world_size, self.seed, self.epoch = n, train, rank, world_size, seed, 0
+        self.start = 0  # first position of the epoch's order to yield (a mid-epoch resume)
 
     def __iter__(self) -> Iterator[int]:
         idx = shard_indices(self.n, train=self.train, rank=self.rank, world_size=self.world_size,
                             seed=self.seed, epoch=self.epoch)
-        return iter(idx.tolist())
+        return iter(idx[self.start:].tolist())
 
     def __len__(self) -> int:
-        return self.n // self.world_size if self.train else len(range(self.rank, self.n, self.world_size))
+        n = self.n // self.world_size if self.train else len(range(self.rank, self.n, self.world_size))
+        return max(n - self.start, 0)
 
 
 class FolderLoader:
     """DataLoader over an ImageFolder that yields normalised float32 batches on ``device``.
 
     Workers decode and augment to uint8 (4x less host-to-device traffic than float), batches are pinned
-    when ``device`` is CUDA and normalised there. Training batches are shuffled per epoch, sharded with
+    when ``device`` is CUDA and normalised there. A file that cannot be decoded (truncated, not an image)
+    is left out of its batch with a one-line warning naming it, once; ``skipped`` maps each to the reason. Training batches are shuffled per epoch, sharded with
     equal sizes and drop a partial last batch; evaluation covers each rank's shard exactly once.
     """
 
@@ -101,8 +133,9 @@ class FolderLoader:
         self.dataset = EpochSeededDataset(base, transform, seed=seed)
         self.sampler = ShardSampler(len(base), train=train, rank=rank, world_size=world_size, seed=seed)
         self.device = device
+        self.skipped: dict[str, str] = {}  # unreadable file -> reason
         self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
-                                 pin_memory=device.type == "cuda",
+                                 pin_memory=device.type == "cuda", collate_fn=collate_readable,
                                  drop_last=train and len(self.sampler) >= batch_size)
         shape = (1, -1, 1, 1)
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(shape)
@@ -116,7 +149,31 @@ class FolderLoader:
     def __len__(self) -> int:
         return num_batches(len(self.sampler), self.batch_size, drop_last=self.train)
 
+    def iter_from(self, start: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """The batches of this epoch from batch ``start`` on, equal to ``list(self)[start:]`` without
+        reading the skipped images (augmentation depends only on the seed, epoch and index)."""
+        n_batches = len(self)
+        self.sampler.start = min(start, n_batches) * self.batch_size
+        try:
+            yield from self._batches(n_batches - min(start, n_batches))
+        finally:
+            self.sampler.start = 0
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        for x, y in self.loader:
+        return self._batches(len(self))
+
+    def _batches(self, count: int) -> Iterator[tuple[Tensor, Tensor]]:
+        if count <= 0:
+            return
+        for k, (batch, bad) in enumerate(self.loader):
+            if k == count:  # a resumed epoch: the tail would form one partial batch too many
+                break
+            for b in bad:
+                if b.path not in self.skipped:
+                    self.skipped[b.path] = b.reason
+                    print(f"warning: skipping unreadable image {b.path} ({b.reason})", file=sys.stderr, flush=True)
+            if batch is None:
+                raise ValueError(f"every image of a batch is unreadable (e.g. {bad[0].path}): check the dataset files")
+            x, y = batch
             x = x.to(self.device, non_blocking=True)
             yield normalize(x, mean=self.mean, std=self.std, scale=255.0), y.to(self.device, non_blocking=True)

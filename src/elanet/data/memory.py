@@ -45,8 +45,14 @@ def crop_flip(x: Tensor, *, pad: int, top: Tensor, left: Tensor, mirror: Tensor)
 
 
 def normalize(x: Tensor, *, mean: Tensor, std: Tensor, scale: float) -> Tensor:
-    """``(x / scale - mean) / std`` in float32; ``mean``/``std`` broadcast as [1, C, 1, 1]."""
-    return x.to(torch.float32, copy=True).mul_(1.0 / (scale * std)).sub_(mean / std)
+    """``(x / scale - mean) / std`` in float32; ``mean``/``std`` broadcast as [1, C, 1, 1].
+
+    The result has the canonical NCHW strides. A one-channel batch gathered from a NumPy view can have
+    strides that also read as channels-last; convolutions then propagate channels-last and produce
+    depthwise weight gradients ([C, 1, k, k]) whose strides differ from the weights', which DDP copies
+    with a "Grad strides do not match bucket view strides" warning on every rank.
+    """
+    return x.to(torch.float32, memory_format=torch.contiguous_format, copy=True).mul_(1.0 / (scale * std)).sub_(mean / std)
 
 
 class MemoryLoader:
@@ -88,6 +94,11 @@ class MemoryLoader:
         return num_batches(self.num_samples, self.batch_size, drop_last=self.train)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return self.iter_from(0)
+
+    def iter_from(self, start: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """The batches of this epoch from batch ``start`` on, equal to ``list(self)[start:]`` (the skipped
+        batches' augmentation draws are made and dropped, so the stream lines up)."""
         dev = self.images.device
         idx = shard_indices(len(self.images), train=self.train, rank=self.rank, world_size=self.world_size,
                             seed=self.seed, epoch=self.epoch).to(dev)
@@ -96,8 +107,11 @@ class MemoryLoader:
             g = torch.Generator(device=dev).manual_seed(derive_seed(1, self.seed, self.epoch, self.rank))
         for i in range(len(self)):
             sel = idx[i * self.batch_size:(i + 1) * self.batch_size]
-            x = self.images[sel]
             if augment:
                 top, left, mirror = crop_flip_params(len(sel), pad=self.pad, flip=self.flip, generator=g)
+            if i < start:
+                continue
+            x = self.images[sel]
+            if augment:
                 x = crop_flip(x, pad=self.pad, top=top, left=left, mirror=mirror)
             yield normalize(x, mean=self.mean, std=self.std, scale=self.scale), self.labels[sel]

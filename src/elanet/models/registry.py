@@ -138,6 +138,10 @@ def create_model(
     if unknown:
         takes = ", ".join(spec.options()) or "none"
         raise ValueError(f"{name} does not take {', '.join(unknown)}: its attention options are: {takes}")
+    head_dim = attn_options.get("head_dim")
+    if head_dim is not None and (isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1):
+        raise ValueError(f"head_dim must be a positive whole number of channels per head, got {head_dim!r}; "
+                         "leave it out for the paper's default")  # (reliability, issue 12)
     attn = None
     if spec.build is not None:
         options = {**spec.defaults.get(family, {}), **{k: x for k, x in attn_options.items() if x is not None}}

@@ -1,6 +1,7 @@
 """Enhanced Beta Quantile Mapping (paper Algorithm 1, eq. 12-15) and the alternatives of Tables 4-6."""
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Sequence
 
@@ -14,10 +15,10 @@ MAPPINGS = ("beta", "gamma", "normal", "softmax", "sigmoid", "gqm", "eqm")
 
 def check_ebqm_args(*, gamma: float, alpha: float, beta: float, tau: float | None = None) -> None:
     """Raise ``ValueError`` unless 0 < gamma <= 1, alpha > 0, beta > 0 and 0 <= tau <= 1."""
-    if not 0.0 < gamma <= 1.0:
+    if not 0.0 < gamma <= 1.0:  # NaN fails every comparison, so it is refused too
         raise ValueError(f"gamma (the quantile of candidate scores) must be in (0, 1], got {gamma}")
-    if not alpha > 0 or not beta > 0:
-        raise ValueError(f"alpha and beta (Beta shape parameters) must be > 0, got alpha={alpha}, beta={beta}")
+    if not (0 < alpha < math.inf and 0 < beta < math.inf):
+        raise ValueError(f"alpha and beta (Beta shape parameters) must be finite and > 0, got alpha={alpha}, beta={beta}")
     if tau is not None and not 0.0 <= tau <= 1.0:
         raise ValueError(f"tau (the pruning threshold on mapped values) must be in [0, 1], got {tau}")
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -70,6 +71,9 @@ class PruningSchedule:
             raise ValueError(f"unknown mapping {mapping!r}: use one of {', '.join(MAPPINGS)}")
         if fixed_count < 0:
             raise ValueError(f"fixed_count must be >= 0, got {fixed_count}")
+        bad = [w for w in windows if len(w) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in w)]
+        if bad:
+            raise ValueError(f"pruning windows must be (start, end) pairs of whole epochs, got {bad[0]!r}")
         self.windows = [(int(s), int(e)) for s, e in windows]
         last = 0
         for s, e in self.windows:
@@ -107,7 +111,8 @@ class PruningSchedule:
         pairs = [(rec.blocks[i], rec.blocks[i + 1], i) for i in range(len(rec.blocks) - 1) if rec.stages[i] == rec.stages[i + 1]]
         if not pairs:
             return
-        vals = torch.stack([adjacent_kl(rec.weights[i], rec.weights[i + 1], self.eps).mean(1).sum(0) for _, _, i in pairs])
+        vals = torch.stack([adjacent_kl(rec.weights[i], rec.weights[i + 1], self.eps, check=False).mean(1).sum(0)
+                            for _, _, i in pairs])  # softmax outputs: no per-step check (a device sync)
         keys = [(a, b) for a, b, _ in pairs]
         if self._sum is None:
             self._pairs = keys

@@ -13,6 +13,7 @@ import yaml
 from ..data import DATASETS
 from ..models import list_models, model_info
 from ..pruning import MAPPINGS, check_ebqm_args
+from .layout import MEMORY_FORMATS
 
 __all__ = ["RunConfig", "TrainConfig", "check_value", "config_from_dict", "load_run_config", "PRESETS", "DEFAULT_PRESET", "resolve_config", "load_yaml", "save_yaml"]
 
@@ -94,7 +95,8 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     amp: str = "none"  # none | bf16 | fp16
-    channels_last: bool = False
+    memory_format: str = "auto"  # auto (the device's faster layout, training/layout.py) | channels_last | contiguous
+    channels_last: bool = False  # deprecated: the same as memory_format="channels_last" (configs of older runs)
     threads: int | None = None
     plots: bool = True
     tensorboard: bool = True
@@ -133,6 +135,10 @@ class RunConfig:
             last = w[1]
         if last > self.epochs and self.model.endswith("_ela"):
             raise ValueError(f"pruning window ending at epoch {last} is beyond the last epoch ({self.epochs}): shorten the window or raise --epochs")
+        if self.memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"memory_format must be one of {', '.join(MEMORY_FORMATS)}, got {self.memory_format!r}")
+        if self.channels_last and self.memory_format == "contiguous":
+            raise ValueError("channels_last=True contradicts memory_format='contiguous': drop channels_last (deprecated)")
         if self.amp not in ("none", "bf16", "fp16"):
             raise ValueError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
         if not _DEVICE.fullmatch(self.device):

@@ -26,6 +26,7 @@ TensorBoard, ``pruning.json`` and ``summary.json``::
         def row(self, train: list[float], test: dict[str, float]) -> list[float]: ...  # values of `columns`
         def checkpoint_meta(self) -> dict: ...  # what rebuilding the model needs (plain data)
         def finish(self, model, ctx) -> None: ...  # optional, rank 0, end of run (figures)
+        def summary_extra(self) -> dict: ...  # optional, every rank, end of run: more summary.json fields
         def describe(self, values: dict[str, float]) -> str: ...  # optional, the epoch line's middle
         def describe_best(self, summary: dict) -> str: ...  # optional, the final line's start
 
@@ -61,6 +62,7 @@ from ..attention import MRLABase, record_attention
 from ..pruning import PruningSchedule, ela_blocks, format_round, get_mask
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import RunConfig, save_yaml
+from .layout import run_memory_format
 from .distributed import DistInfo, all_reduce_sum, cleanup_distributed, setup_distributed
 from .rng import StepRNG
 from .run_dir import RunFolder, write_json
@@ -216,8 +218,7 @@ def _fit(task: Task, cfg: RunConfig, info: DistInfo, device: torch.device, folde
     torch.manual_seed(cfg.seed)
     parts = task.setup(cfg, ctx)
     model, optimizer, loader = parts.model, parts.optimizer, parts.train
-    if getattr(cfg, "channels_last", False):
-        model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=run_memory_format(cfg, device))  # the task lays its inputs out alike
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     n_ela = len(ela_blocks(model))
     schedule = None
@@ -392,9 +393,10 @@ def _fit(task: Task, cfg: RunConfig, info: DistInfo, device: torch.device, folde
     if writer is not None:
         writer.close()
     active = sum(m.active for m in model.modules() if isinstance(m, MRLABase))
+    extra = task.summary_extra() if hasattr(task, "summary_extra") else {}  # every rank calls it
     summary = {"run_dir": str(run), "interrupted": False, **{f"best_{k}": best.get(k) for k in task.best},
                "best_epoch": best["epoch"], "active_blocks": active, "attention_blocks": n_attn,
-               "mask": get_mask(model) if n_ela else [], "total_s": time.time() - t_start}
+               "mask": get_mask(model) if n_ela else [], **extra, "total_s": time.time() - t_start}
     if info.main:
         write_json(run / "summary.json", summary)
     best_text = task.describe_best(summary) if hasattr(task, "describe_best") else f"best {key} {best.get(key)} (epoch {best['epoch']})"

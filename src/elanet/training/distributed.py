@@ -30,9 +30,16 @@ def resolve_device(name: str) -> torch.device:
     """``'auto'`` (CUDA when visible, else CPU), ``'cpu'``, ``'cuda'`` or ``'cuda:N'``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unsupported device {name!r}: use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name} requested but no CUDA GPU is visible: use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
     return dev
 
 

@@ -18,6 +18,7 @@ from ..models import create_model
 from .config import TrainConfig
 from .core import Context, Parts, autocast, fit, lr_at
 from .distributed import all_reduce_sum
+from .layout import run_memory_format
 
 __all__ = ["train", "evaluate", "lr_at", "METRICS", "Classification"]
 
@@ -53,6 +54,7 @@ class Classification:
 
     def setup(self, cfg: TrainConfig, ctx: Context) -> Parts:
         self.cfg = cfg
+        self.memory_format = run_memory_format(cfg, ctx.device)  # the core lays the model out alike
         self.data = data = build_data(
             cfg.dataset, data_dir=cfg.data_dir, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
             device=ctx.device, workers=cfg.workers, download=cfg.download, rank=ctx.info.rank,
@@ -64,8 +66,7 @@ class Classification:
 
     def train_step(self, net: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         x, y = batch
-        if self.cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=self.memory_format)
         out = net(x)
         loss = F.cross_entropy(out.float(), y, label_smoothing=self.cfg.label_smoothing)
         d = loss.detach()
@@ -89,6 +90,18 @@ class Classification:
         d = self.data
         return {"num_classes": d.num_classes, "in_chans": d.in_chans, "image_size": d.image_size,
                 "dataset": self.cfg.dataset, "mean": list(d.mean), "std": list(d.std), "classes": list(d.classes)}
+
+    def summary_extra(self) -> dict[str, Any]:
+        """ImageFolder runs: how many distinct files could not be decoded and were left out (all ranks)."""
+        loaders = [ld for ld in (self.data.train, self.data.test) if hasattr(ld, "skipped")]
+        if not loaders:
+            return {}
+        paths = set().union(*(ld.skipped for ld in loaders))
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            every: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(every, sorted(paths))
+            paths = set().union(*every)
+        return {"skipped_images": len(paths)}
 
     def finish(self, model: nn.Module, ctx: Context) -> None:
         if self.cfg.plots and any(isinstance(m, MRLABase) for m in model.modules()):

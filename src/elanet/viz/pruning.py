@@ -34,6 +34,15 @@ def check_rounds(rounds: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         if not len(r["pairs"]) == len(r["scores"]) == len(r["mapped"]):
             raise ValueError(f"pruning round {r['round']} has {len(r['pairs'])} pairs but {len(r['scores'])} scores "
                              f"and {len(r['mapped'])} mapped values")
+        n = len(rounds[0]["mask"]) if isinstance(rounds[0]["mask"], list) else -1
+        if not isinstance(r["mask"], list) or len(r["mask"]) != n:
+            raise ValueError(f"pruning round {r['round']} has a mask of another length than round 1's: "
+                             "the file mixes runs; pass the pruning.json of one run")
+        blocks = [b for p in r["pairs"] for b in (p if isinstance(p, (list, tuple)) else [None, None])] + list(r["pruned"])
+        if any(not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < n for b in blocks) or \
+                any(not isinstance(p, (list, tuple)) or len(p) != 2 for p in r["pairs"]):
+            raise ValueError(f"pruning round {r['round']} names blocks outside its mask of {n} blocks: "
+                             "the file is damaged; pass the pruning.json written by `elanet train`")
     return rounds
 
 
