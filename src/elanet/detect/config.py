@@ -55,11 +55,10 @@ class DetectConfig(RunConfig):
         if self.detector not in DETECTORS:
             raise ValueError(f"unknown detector {self.detector!r}: use one of {', '.join(DETECTORS)}")
         from ..models import model_info
-        from .detectors import backbone_names
 
         if model_info(self.model)["family"] != "imagenet":  # unknown names raise with close matches
-            raise ValueError(f"{self.model} is a CIFAR classification model and cannot be a detection backbone: use one "
-                             f"of {', '.join(backbone_names())} (--model)")
+            raise ValueError(f"{self.model} is a CIFAR classification model and cannot be a detection backbone: pass an "
+                             f"ImageNet backbone such as --model resnet50_ela (`elanet models --detectors` lists them)")
         for k in ("batch_size", "min_size", "max_size", "rpn_post_nms_top_n_train", "box_batch_size_per_image"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")

@@ -115,7 +115,7 @@ def create_detector(
     info = model_info(backbone)  # unknown names raise with close matches
     if info["family"] != "imagenet":
         raise ValueError(f"{backbone} is a CIFAR classification model and cannot be a detection backbone: use an ImageNet "
-                         f"backbone ({', '.join(backbone_names())})")
+                         f"backbone such as resnet50_ela (`elanet models --detectors` lists them)")
     if num_classes < 2:
         raise ValueError(f"num_classes counts the background too and must be >= 2, got {num_classes}")
     if norm not in ("bn", "gn"):
