@@ -14,7 +14,7 @@ import json
 import sys
 
 report = json.load(open(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results.json"))
-results = report["results"]
+results = [r for r in report["results"] if r.get("best_layout", True)]  # each variant in its faster layout
 depths = sorted({r["depth"] for r in results})
 rows = []
 

@@ -253,3 +253,9 @@ def test_replacing_a_block_module_reattaches_it():
     with torch.no_grad():
         torch.testing.assert_close(block(x), plain.layer1[1](x))
     assert [type(b).__name__ for b in model.layer2[:2]] == ["Bottleneck", "Bottleneck"] and len(model.layer2) == 2
+
+
+def test_model_info_names_variant_and_label():
+    assert {k: elanet.model_info("resnet110_dla_l")[k] for k in ("backbone", "variant", "label", "family")} == {
+        "backbone": "resnet110", "variant": "dla_l", "label": "DLA-L", "family": "cifar"}
+    assert elanet.model_info("resnet50")["variant"] == "plain" and elanet.model_info("resnet18_ela")["label"] == "ELA"

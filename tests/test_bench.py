@@ -131,6 +131,15 @@ def test_memory_format_default_and_override():
     assert resolve_memory_format("contiguous", "cpu") == torch.contiguous_format
     with pytest.raises(ValueError, match="channels_last, contiguous"):
         resolve_memory_format("nhwc", "cpu")
+    from elanet.training import TrainConfig, run_memory_format
+
+    assert run_memory_format(TrainConfig(), "cpu") == torch.channels_last  # auto
+    assert run_memory_format(TrainConfig(memory_format="contiguous"), "cpu") == torch.contiguous_format
+    assert run_memory_format(TrainConfig(channels_last=True), "cpu") == torch.channels_last  # an older run's config
+    with pytest.raises(ValueError, match="memory_format must be one of"):
+        TrainConfig(memory_format="nhwc").validate()
+    with pytest.raises(ValueError, match="contradicts"):
+        TrainConfig(memory_format="contiguous", channels_last=True).validate()
 
 
 def test_gpu_script_dry_run_on_cpu(tmp_path):

@@ -15,6 +15,7 @@ COMMANDS = {
     "viz": "Draw attention maps, pruning charts, Score-CAM maps and speed plots",
     "detect": "Object detection: train / evaluate / draw Faster and Mask R-CNN with ELA backbones on COCO-format data",
     "bench": "Benchmark the training step of plain, MRLA-L, MRLA-B and ELA models",
+    "study": "Run a grid of training runs over settings and seeds (the paper's ablations): mean ± std, mask stability",
 }
 
 

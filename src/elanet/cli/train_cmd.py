@@ -31,6 +31,15 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated epochs like 100,150, got {text!r}") from None
 
 
+def _counts(text: str) -> int | list[int]:
+    """'2' -> 2 (every round); '2,1,0' -> [2, 1, 0] (one count per window)."""
+    try:
+        counts = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count like 2, or one per window like 2,1,0, got {text!r}") from None
+    return counts[0] if len(counts) == 1 else counts
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what to train")
     g.add_argument("--model", help="model name (see `elanet models`), default: the preset's (digits: resnet20_ela)")
@@ -64,7 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--strategy", choices=["quantile", "threshold", "fixed"])
     g.add_argument("--mapping", help="quantile mapping: beta (EBQM), gamma, normal, softmax, sigmoid, gqm, eqm")
     g.add_argument("--threshold", type=float, help="raw KL threshold for --strategy threshold")
-    g.add_argument("--fixed-count", type=int, help="blocks pruned per round for --strategy fixed")
+    g.add_argument("--fixed-count", type=_counts, help="blocks pruned per round for --strategy fixed, or one per window: 2,1,0")
     g = p.add_argument_group("runtime")
     g.add_argument("--seed", type=int)
     g.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")

@@ -1,4 +1,4 @@
-"""``elanet viz attention|pruning|scorecam|speed``: draw what ELA did from a run folder, checkpoint or benchmark."""
+"""``elanet viz attention|pruning|scorecam|speed|study``: draw what ELA did from a run folder, checkpoint or benchmark."""
 from __future__ import annotations
 
 import argparse
@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b = sub.add_parser("speed", help="training time against depth per variant (Figure 4)")
     b.add_argument("bench", metavar="BENCH_JSON", help="benchmark JSON written by `elanet bench`")
     _common(b)
+    t = sub.add_parser("study", help="accuracy against training time and per-block pruning frequency of a study")
+    t.add_argument("study_dir", metavar="STUDY_DIR", help="a folder written by `elanet study` (its study.json and study.csv)")
+    _common(t)
 
 
 def _load(args: argparse.Namespace):
@@ -104,7 +107,24 @@ def _speed(args: argparse.Namespace) -> Path:
     return draw_speed(records, args.out or Path(args.bench).parent, fmt=args.fmt)
 
 
+def _study(args: argparse.Namespace) -> list[Path]:
+    from ..study.results import read_study_csv, setting_rows
+    from ..viz.study import draw_study
+
+    src = Path(args.study_dir)
+    if not (src / "study.json").is_file() or not (src / "study.csv").is_file():
+        raise FileNotFoundError(f"{src} holds no study.json and study.csv: pass a folder written by `elanet study`")
+    record = json.loads((src / "study.json").read_text())
+    settings = setting_rows(record["axes"], read_study_csv(src / "study.csv"))
+    if not any("best" in s for s in settings):
+        raise ValueError(f"{src} has no finished runs yet: nothing to draw")
+    title = f"study {record['identity']['name']} on {record['dataset']}"
+    return draw_study(settings, args.out or src, title=title, fmt=args.fmt)
+
+
 def run(args: argparse.Namespace) -> int:
-    draw = {"attention": _attention, "pruning": _pruning, "scorecam": _scorecam, "speed": _speed}[args.viz_command]
-    print(f"wrote {draw(args)}")
+    draw = {"attention": _attention, "pruning": _pruning, "scorecam": _scorecam, "speed": _speed, "study": _study}[args.viz_command]
+    result = draw(args)
+    for path in result if isinstance(result, list) else [result]:
+        print(f"wrote {path}")
     return 0

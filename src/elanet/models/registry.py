@@ -98,10 +98,11 @@ def _split(name: str) -> tuple[str, str]:
 
 
 def model_info(name: str) -> dict[str, Any]:
-    """Backbone, variant label, family (``'cifar'`` / ``'imagenet'``), default classes and input size."""
+    """Backbone, variant (``'plain'``, ``'ela'``, ``'dia'``, ...) and its label (``'ELA'``, ``'DIA'``), family
+    (``'cifar'`` / ``'imagenet'``), default classes and input size."""
     backbone, v = _split(name)
     family = _BACKBONES[backbone]["family"]
-    return dict(backbone=backbone, variant=_VARIANTS[v].label if v else "plain", family=family, **_FAMILY[family])
+    return dict(backbone=backbone, variant=v[1:] or "plain", label=_VARIANTS[v].label, family=family, **_FAMILY[family])
 
 
 def create_model(

@@ -44,6 +44,8 @@ class PruningSchedule:
         tau: prune when the mapped value is below tau.
         strategy: ``'quantile'`` (EBQM or another ``mapping``), ``'threshold'`` (raw score below
             ``threshold``) or ``'fixed'`` (the ``fixed_count`` lowest scores).
+        fixed_count: blocks the fixed strategy prunes per round, or one count per window (the
+            paper's Table 4 matches them to what EBQM pruned in each round).
         mapping: step 4 of the quantile mapping (``'beta'`` is EBQM).
         eps: KL padding value.
         reduce_fn: sums a tensor across processes in place (e.g. ``dist.all_reduce``) before a decision.
@@ -60,7 +62,7 @@ class PruningSchedule:
         strategy: str = "quantile",
         mapping: str = "beta",
         threshold: float = 0.0,
-        fixed_count: int = 1,
+        fixed_count: int | Sequence[int] = 1,
         eps: float = 1e-8,
         reduce_fn: ReduceFn | None = None,
     ) -> None:
@@ -69,12 +71,15 @@ class PruningSchedule:
             raise ValueError(f"unknown strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
         if mapping not in MAPPINGS:
             raise ValueError(f"unknown mapping {mapping!r}: use one of {', '.join(MAPPINGS)}")
-        if fixed_count < 0:
-            raise ValueError(f"fixed_count must be >= 0, got {fixed_count}")
+        counts = [fixed_count] if isinstance(fixed_count, int) else list(fixed_count)
+        if any(not isinstance(k, int) or k < 0 for k in counts):
+            raise ValueError(f"fixed_count must be an integer >= 0 or a list of them (one per window), got {fixed_count}")
         bad = [w for w in windows if len(w) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in w)]
         if bad:
             raise ValueError(f"pruning windows must be (start, end) pairs of whole epochs, got {bad[0]!r}")
         self.windows = [(int(s), int(e)) for s, e in windows]
+        if not isinstance(fixed_count, int) and len(counts) != len(self.windows):
+            raise ValueError(f"fixed_count lists {len(counts)} counts for {len(self.windows)} windows: give one per window")
         last = 0
         for s, e in self.windows:
             if not (1 <= s <= e) or s <= last:
@@ -152,7 +157,7 @@ class PruningSchedule:
         elif self.strategy == "threshold":
             mapped = np.where(np.isfinite(scores) & (scores < self.threshold), 0.0, 1.0)
         else:
-            order = [i for i in np.argsort(scores, kind="stable") if np.isfinite(scores[i])][: self.fixed_count]
+            order = [i for i in np.argsort(scores, kind="stable") if np.isfinite(scores[i])][: self._count_now()]
             mapped = np.ones_like(scores)
             mapped[order] = 0.0
         if len(pairs) and not np.isfinite(scores).all():
@@ -177,13 +182,19 @@ class PruningSchedule:
         self._pairs, self._sum, self._count = [], None, None
         return report
 
+    def _count_now(self) -> int:
+        """Blocks the fixed strategy prunes in the round being decided."""
+        if isinstance(self.fixed_count, int):
+            return self.fixed_count
+        return self.fixed_count[min(len(self.rounds), len(self.fixed_count) - 1)]
+
     def state_dict(self) -> dict[str, Any]:
         """The whole state as plain Python data (loads with ``torch.load(weights_only=True)``)."""
         return {
             "windows": [list(w) for w in self.windows],
             "gamma": self.gamma, "alpha": self.alpha, "beta": self.beta, "tau": self.tau,
             "strategy": self.strategy, "mapping": self.mapping, "threshold": self.threshold,
-            "fixed_count": self.fixed_count, "eps": self.eps,
+            "fixed_count": self.fixed_count if isinstance(self.fixed_count, int) else list(self.fixed_count), "eps": self.eps,
             "rounds": copy.deepcopy(self.rounds),
             "pairs": [list(p) for p in self._pairs],
             "sum": None if self._sum is None else self._sum.cpu().tolist(),

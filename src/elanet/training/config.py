@@ -25,6 +25,7 @@ def _describe(typ: str) -> str:
     base = typ.removesuffix(" | None")
     words = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "a text value",
              "list[int]": "a list of whole numbers like [100, 150]",
+             "int | list[int]": "a whole number, or a list of them like [2, 1, 0]",
              "list[list[int]]": "a list of [start, end] epoch pairs like [[1, 3], [45, 48]]"}[base]
     return words + (" (or null)" if typ.endswith("| None") else "")
 
@@ -54,6 +55,8 @@ def check_value(name: str, value: Any, typ: str) -> Any:
             value, ok = float(value), True
     elif base == "str":
         ok = isinstance(value, str)
+    elif base == "int | list[int]":
+        ok = _is_int(value) or (isinstance(value, list) and all(_is_int(v) for v in value))
     elif base == "list[int]":
         ok = isinstance(value, list) and all(_is_int(v) for v in value)
     elif base == "list[list[int]]":
@@ -90,7 +93,7 @@ class RunConfig:
     strategy: str = "quantile"
     mapping: str = "beta"
     threshold: float = 0.0
-    fixed_count: int = 1
+    fixed_count: int | list[int] = 1  # per round, or one count per window
     # runtime
     seed: int = 0
     device: str = "auto"
@@ -126,8 +129,9 @@ class RunConfig:
             raise ValueError(f"unknown mapping {self.mapping!r}: use one of {', '.join(MAPPINGS)}")
         if self.strategy not in ("quantile", "threshold", "fixed"):
             raise ValueError(f"unknown strategy {self.strategy!r}: use quantile, threshold or fixed")
-        if self.fixed_count < 0:
-            raise ValueError(f"fixed_count must be >= 0, got {self.fixed_count}")
+        counts = [self.fixed_count] if _is_int(self.fixed_count) else self.fixed_count
+        if any(k < 0 for k in counts) or (isinstance(self.fixed_count, list) and len(counts) != len(self.windows)):
+            raise ValueError(f"fixed_count must be an integer >= 0, or a list of them with one per window, got {self.fixed_count!r}")
         last = 0
         for w in self.windows:
             if not (1 <= w[0] <= w[1]) or w[0] <= last:
