@@ -106,10 +106,8 @@ class Task(Protocol):
 
 
 def lr_at(cfg: RunConfig, epoch: int, frac: float = 0.0) -> float:
-    """Learning rate during 1-based ``epoch`` (``frac`` of it done): linear warm-up, then x lr_decay per milestone passed."""
-    if epoch <= cfg.warmup_epochs:
-        return cfg.lr * (epoch - 1 + frac) / cfg.warmup_epochs if cfg.warmup_epochs else cfg.lr
-    return cfg.lr * cfg.lr_decay ** sum(epoch > m for m in cfg.milestones)
+    """Learning rate during 1-based ``epoch`` (``frac`` of it done): the config's schedule (:meth:`RunConfig.lr_at`)."""
+    return cfg.lr_at(epoch, frac)
 
 
 def autocast(device: torch.device, amp: str):
@@ -313,7 +311,7 @@ def _fit(task: Task, cfg: RunConfig, info: DistInfo, device: torch.device, folde
                        leave=False, disable=not interactive, dynamic_ncols=True)
             t0 = time.time()
             for step, batch in _skip(loader, skip):
-                lr = lr_at(cfg, epoch, step / n_steps)
+                lr = cfg.lr_at(epoch, step / n_steps, iteration=(epoch - 1) * n_steps + step)
                 for g in optimizer.param_groups:
                     g["lr"] = lr * g.get("lr_scale", 1.0)
                 with rng.active():
