@@ -93,3 +93,23 @@ def test_configs_load_and_the_ela_config_is_the_paper_recipe() -> None:
     assert (cfg.min_size, cfg.max_size, cfg.flip, cfg.windows, cfg.alpha, cfg.beta, cfg.tau) == (800, 1333, True, [[1, 1], [7, 7]], 2.0, 5.0, 0.2)
     assert cfg.lr_at(1, iteration=0) == pytest.approx(0.02 * 0.001) and cfg.lr_at(1, iteration=250) == pytest.approx(0.02 * (0.001 + 0.999 / 2))
     assert cfg.lr_at(9, iteration=10**5) == pytest.approx(0.002) and cfg.lr_at(12, iteration=10**5) == pytest.approx(0.0002)
+
+
+def test_detector_backbone_loads_timm_weights_and_refuses_the_wrong_stem(tmp_path):
+    """--pretrained with timm resnet50c weights: the ELA backbone takes them by name, the stem and stage 1 stay
+    frozen; torchvision's 7x7-stem weights are refused in one line that names the fix."""
+    import timm
+    import torchvision
+
+    from elanet.detect.task import load_backbone
+
+    src = timm.create_model("resnet50c", pretrained=False)
+    torch.save(src.state_dict(), tmp_path / "r50c.pth")
+    model = create_detector("faster_rcnn", backbone="resnet50_ela", num_classes=3, pretrained=True)
+    assert load_backbone(model, tmp_path / "r50c.pth", backbone="resnet50_ela", keep_mask=False, frozen_stages=1) is None
+    body = model.backbone.body
+    assert torch.equal(body.layer3[2].conv2.weight, src.layer3[2].conv2.weight)
+    assert not body.layer1[0].conv1.weight.requires_grad and body.layer2[0].conv1.weight.requires_grad
+    torch.save(torchvision.models.resnet50().state_dict(), tmp_path / "tv50.pth")
+    with pytest.raises(ValueError, match="deep stem"):
+        load_backbone(model, tmp_path / "tv50.pth", backbone="resnet50_ela", keep_mask=False, frozen_stages=1)

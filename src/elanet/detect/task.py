@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from ..models.pretrained import load_pretrained, resolve_source
 from ..pruning import ela_blocks, set_mask
 from ..training.checkpoint import load_checkpoint
 from ..training.core import Context, Parts, fit
@@ -27,17 +28,25 @@ LOSSES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "lo
 
 
 def load_backbone(model: nn.Module, source: str | os.PathLike, *, backbone: str, keep_mask: bool,
-                  frozen_stages: int) -> dict[str, Any]:
-    """Load an elanet classification checkpoint into the detector's backbone (its classifier is dropped).
+                  frozen_stages: int) -> dict[str, Any] | None:
+    """Load pretrained weights into the detector's backbone (its classifier is dropped).
 
-    The checkpoint's ELA mask comes with its weights; unless ``keep_mask`` every block starts active
-    again. The stage freezing is reapplied afterwards (switching a block on makes it trainable).
+    ``source`` is an elanet classification checkpoint (or run folder), whose ELA mask comes with its
+    weights (every block starts active again unless ``keep_mask``), or anything
+    :func:`elanet.load_pretrained` takes (torchvision / timm weights, ``'timm:resnet50c'``, a state-dict
+    file). The stage freezing is reapplied afterwards (switching a block on makes it trainable).
     """
-    ckpt = load_checkpoint(source)
+    body = model.backbone.body
+    try:
+        ckpt = load_checkpoint(source)
+    except (ValueError, FileNotFoundError, IsADirectoryError):  # not an elanet checkpoint: backbone weights
+        state = {k: v for k, v in resolve_source(source).items() if not k.startswith(("fc.", "head.fc."))}
+        load_pretrained(body, state)
+        freeze_stages(body, frozen_stages)
+        return None
     if ckpt.get("model_name") != backbone:
         raise ValueError(f"--pretrained {source} holds {ckpt.get('model_name')} but the backbone is {backbone}: "
                          f"pass --model {ckpt.get('model_name')} or another checkpoint")
-    body = model.backbone.body
     state = {k: v for k, v in ckpt["model"].items() if not k.startswith("fc.")}
     missing, unexpected = body.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -57,6 +66,7 @@ class Detection:
     """Faster / Mask R-CNN training on COCO-format data with COCO evaluation after every epoch."""
 
     best = ("bbox_AP", "segm_AP")
+    command = "detect train"  # what the stop message tells the user to resume with
 
     def __init__(self, cfg: DetectConfig) -> None:
         self.cfg = cfg

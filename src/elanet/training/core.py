@@ -29,6 +29,7 @@ TensorBoard, ``pruning.json`` and ``summary.json``::
         def summary_extra(self) -> dict: ...  # optional, every rank, end of run: more summary.json fields
         def describe(self, values: dict[str, float]) -> str: ...  # optional, the epoch line's middle
         def describe_best(self, summary: dict) -> str: ...  # optional, the final line's start
+        command = "train"  # optional: the `elanet ...` subcommand the stop message tells the user to resume with
 
     summary = fit(MyTask(), cfg)  # cfg: a RunConfig (or subclass) that validated
 
@@ -337,7 +338,7 @@ def _fit(task: Task, cfg: RunConfig, info: DistInfo, device: torch.device, folde
                     state = checkpoint(epoch - 1, step + 1, sums)
                     if info.main:
                         save_checkpoint(run / "last.pt", state)
-                    log(f"stopped at epoch {epoch}, step {step + 1}/{n_steps}: resume with `elanet train --resume {run}`")
+                    log(f"stopped at epoch {epoch}, step {step + 1}/{n_steps}: resume with `elanet {getattr(task, 'command', 'train')} --resume {run}`")
                     return {"run_dir": str(run), "interrupted": True, "epoch": epoch, "step": step + 1,
                             "signal": stop.signum}
             bar.close()
