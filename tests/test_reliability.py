@@ -422,12 +422,12 @@ def test_sigterm_to_elanet_train_saves_and_exits_143(cifar, tmp_path):
     run = tmp_path / "term"
     code = ("import os, signal, sys\n"
             "from elanet.cli import main\n"
-            "from elanet.training import core\n"
-            "real = core.lr_at\n"
-            "def lr_at(cfg, epoch, frac=0.0):\n"
+            "from elanet.training.config import RunConfig\n"
+            "real = RunConfig.lr_at\n"
+            "def lr_at(cfg, epoch, frac=0.0, **kw):\n"
             "    if epoch == 2 and frac > 0: os.kill(os.getpid(), signal.SIGTERM)\n"
-            "    return real(cfg, epoch, frac)\n"
-            "core.lr_at = lr_at\n"
+            "    return real(cfg, epoch, frac, **kw)\n"
+            "RunConfig.lr_at = lr_at\n"
             "sys.exit(main(sys.argv[1:]))\n")
     args = ["train", "--dataset", "cifar10", "--data-dir", str(cifar), "--out", str(run), "--epochs", "3",
             "--batch-size", "32", "--windows", "1-2", "--milestones", "", "--no-plots", "--no-tensorboard", "--threads", "1"]
@@ -475,13 +475,13 @@ def test_a_signal_to_the_whole_process_group_with_dataloader_workers_saves(sig, 
     run = tmp_path / "run"
     code = ("import os, signal, sys\n"
             "from elanet.cli import main\n"
-            "from elanet.training import core\n"
-            "real, sent = core.lr_at, []\n"
-            "def lr_at(cfg, epoch, frac=0.0):\n"
+            "from elanet.training.config import RunConfig\n"
+            "real, sent = RunConfig.lr_at, []\n"
+            "def lr_at(cfg, epoch, frac=0.0, **kw):\n"
             "    if epoch == 2 and frac > 0 and not sent:\n"
             f"        sent.append(1); __import__('subprocess').run(['kill', '-s', '{sig.name}', '--', f'-{{os.getpgrp()}}'])  # sent by another process\n"
-            "    return real(cfg, epoch, frac)\n"
-            "core.lr_at = lr_at\n"
+            "    return real(cfg, epoch, frac, **kw)\n"
+            "RunConfig.lr_at = lr_at\n"
             "sys.exit(main(sys.argv[1:]))\n")
     args = ["train", "--dataset", "folder", "--data-dir", str(root), "--image-size", "16", "--out", str(run),
             "--epochs", "3", "--batch-size", "8", "--windows", "1-2", "--milestones", "", "--workers", "1",

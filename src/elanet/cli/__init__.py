@@ -13,6 +13,7 @@ COMMANDS = {
     "eval": "Evaluate a checkpoint (top-1 / top-5) with its pruned structure restored",
     "models": "List every registered model with its parameters and GMACs",
     "viz": "Draw attention maps, pruning charts, Score-CAM maps and speed plots",
+    "detect": "Object detection: train / evaluate / draw Faster and Mask R-CNN with ELA backbones on COCO-format data",
     "bench": "Benchmark the training step of plain, MRLA-L, MRLA-B and ELA models",
     "study": "Run a grid of training runs over settings and seeds (the paper's ablations): mean ± std, mask stability",
     "export": "Export a checkpoint without its pruned attention, as a torch.export program (.pt2) or ONNX",

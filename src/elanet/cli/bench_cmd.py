@@ -56,6 +56,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench.json", help="JSON file for the results")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--task", choices=["classify", "detect"], default="classify",
+                   help="detect: a Mask / Faster R-CNN training step on the synthetic COCO-format set (plain, MRLA-L, "
+                        "ELA at --fractions, default 0 0.5 1; --depths 50 or 101, default 50; --image-size default 128)")
+    p.add_argument("--detector", choices=["mask_rcnn", "faster_rcnn"], default="mask_rcnn", help="with --task detect")
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -92,7 +96,29 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads)
 
 
+def _detect(args: argparse.Namespace) -> int:
+    from ..detect.bench import detect_variants, run_detect_benchmark
+
+    depths = [50] if args.depths == [56, 110] else args.depths
+    fractions = [0.0, 0.5, 1.0] if args.fractions is None else args.fractions
+    size = args.image_size or 128
+    variants = detect_variants(depths, fractions=fractions)
+    log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    report = run_detect_benchmark(variants, detector=args.detector, batch_size=args.batch_size, image_size=size,
+                                  steps=args.steps, warmup=args.warmup, device=args.device, seed=args.seed, log=log)
+    report["command"] = shlex.join(["elanet", "bench", "--task", "detect", "--detector", args.detector, "--depths",
+                                    *map(str, depths), "--fractions", *(f"{f:g}" for f in fractions), "--batch-size",
+                                    str(args.batch_size), "--image-size", str(size), "--steps", str(args.steps), "--warmup",
+                                    str(args.warmup), "--threads", str(args.threads), "--device", args.device,
+                                    "--seed", str(args.seed), "--out", args.out])
+    print(format_table(report))
+    print(f"saved {save_json(report, args.out)}")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.task == "detect":
+        return _detect(args)
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     if args.mode == "infer":
         return _run_infer(args, log)

@@ -156,6 +156,14 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def lr_at(self, epoch: int, frac: float = 0.0, *, iteration: int = 0) -> float:
+        """Learning rate during 1-based ``epoch`` with ``frac`` of it done (``iteration``: optimiser steps
+        before this one): linear warm-up over ``warmup_epochs``, then x ``lr_decay`` per milestone passed.
+        A task's config overrides this for another schedule (detection warms up over iterations)."""
+        if epoch <= self.warmup_epochs:
+            return self.lr * (epoch - 1 + frac) / self.warmup_epochs if self.warmup_epochs else self.lr
+        return self.lr * self.lr_decay ** sum(epoch > m for m in self.milestones)
+
 
 @dataclass
 class TrainConfig(RunConfig):

@@ -29,6 +29,7 @@ TensorBoard, ``pruning.json`` and ``summary.json``::
         def summary_extra(self) -> dict: ...  # optional, every rank, end of run: more summary.json fields
         def describe(self, values: dict[str, float]) -> str: ...  # optional, the epoch line's middle
         def describe_best(self, summary: dict) -> str: ...  # optional, the final line's start
+        command = "train"  # optional: the `elanet ...` subcommand the stop message tells the user to resume with
 
     summary = fit(MyTask(), cfg)  # cfg: a RunConfig (or subclass) that validated
 
@@ -106,10 +107,8 @@ class Task(Protocol):
 
 
 def lr_at(cfg: RunConfig, epoch: int, frac: float = 0.0) -> float:
-    """Learning rate during 1-based ``epoch`` (``frac`` of it done): linear warm-up, then x lr_decay per milestone passed."""
-    if epoch <= cfg.warmup_epochs:
-        return cfg.lr * (epoch - 1 + frac) / cfg.warmup_epochs if cfg.warmup_epochs else cfg.lr
-    return cfg.lr * cfg.lr_decay ** sum(epoch > m for m in cfg.milestones)
+    """Learning rate during 1-based ``epoch`` (``frac`` of it done): the config's schedule (:meth:`RunConfig.lr_at`)."""
+    return cfg.lr_at(epoch, frac)
 
 
 def autocast(device: torch.device, amp: str):
@@ -313,7 +312,7 @@ def _fit(task: Task, cfg: RunConfig, info: DistInfo, device: torch.device, folde
                        leave=False, disable=not interactive, dynamic_ncols=True)
             t0 = time.time()
             for step, batch in _skip(loader, skip):
-                lr = lr_at(cfg, epoch, step / n_steps)
+                lr = cfg.lr_at(epoch, step / n_steps, iteration=(epoch - 1) * n_steps + step)
                 for g in optimizer.param_groups:
                     g["lr"] = lr * g.get("lr_scale", 1.0)
                 with rng.active():
@@ -339,7 +338,7 @@ def _fit(task: Task, cfg: RunConfig, info: DistInfo, device: torch.device, folde
                     state = checkpoint(epoch - 1, step + 1, sums)
                     if info.main:
                         save_checkpoint(run / "last.pt", state)
-                    log(f"stopped at epoch {epoch}, step {step + 1}/{n_steps}: resume with `elanet train --resume {run}`")
+                    log(f"stopped at epoch {epoch}, step {step + 1}/{n_steps}: resume with `elanet {getattr(task, 'command', 'train')} --resume {run}`")
                     return {"run_dir": str(run), "interrupted": True, "epoch": epoch, "step": step + 1,
                             "signal": stop.signum}
             bar.close()
