@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..training.run_dir import creatable
+
 __all__ = ["check_output_file"]
 
 
@@ -14,11 +16,7 @@ def check_output_file(path: str | os.PathLike, *, flag: str = "--out") -> Path:
         raise ValueError(f"{flag} {p} is a folder: give a file name, e.g. {p / 'bench.json'}")
     if p.exists() and not os.access(p, os.W_OK):
         raise ValueError(f"{flag} {p} is not writable: choose another {flag}")
-    base = p.parent
-    while not base.exists() and base != base.parent:
-        base = base.parent
-    if not base.is_dir():
-        raise ValueError(f"{flag} {p}: {base} is a file, not a folder; choose another {flag}")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {p}: {base} is not writable; choose another {flag}")
+    problem = creatable(p.parent)
+    if problem:
+        raise ValueError(f"{flag} {p}: {problem}; choose another {flag}")
     return p

@@ -17,7 +17,19 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["RunFolder", "RunLockedError", "write_json", "write_text", "disk_error"]
+__all__ = ["RunFolder", "RunLockedError", "creatable", "write_json", "write_text", "disk_error"]
+
+
+def creatable(path: Path) -> str | None:
+    """Why ``path`` cannot be created (its nearest existing ancestor is a file or not writable), or None."""
+    base = path
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        return f"{base} is a file"
+    if not os.access(base, os.W_OK | os.X_OK):
+        return f"{base} is not writable"
+    return None
 
 
 class RunLockedError(ValueError):
@@ -68,13 +80,9 @@ class RunFolder:
             if (p / "config.yaml").is_file():
                 raise ValueError(f"run folder {p} already exists: continue it with --resume {p} or choose another --out")
             raise ValueError(f"folder {p} already exists and is not empty: choose another --out")
-        base = p
-        while not base.exists() and base != base.parent:
-            base = base.parent
-        if not base.is_dir():
-            raise ValueError(f"cannot create run folder {p}: {base} is a file; choose another --out")
-        if not os.access(base, os.W_OK | os.X_OK):
-            raise ValueError(f"cannot create run folder {p}: {base} is not writable; choose another --out")
+        problem = creatable(p)
+        if problem:
+            raise ValueError(f"cannot create run folder {p}: {problem}; choose another --out")
         return cls(p)
 
     def create(self) -> None:
