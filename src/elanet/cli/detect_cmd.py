@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from . import UsageError
-from .train_cmd import RUNTIME, _ints, _windows
+from .train_cmd import _ints, _windows, config_from_args
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -98,18 +98,8 @@ def run(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from ..detect.config import DetectConfig, resolve_detect_config
     from ..detect.task import train_detector
-    from ..training.config import load_run_config
 
-    fields = DetectConfig.__dataclass_fields__
-    flags = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    if args.resume:
-        ignored = sorted(set(flags) - set(RUNTIME))
-        if ignored or args.config or args.preset:
-            raise UsageError(f"--resume continues the run with its saved config; drop {', '.join(ignored or ['--config/--preset'])} "
-                             f"(only {', '.join(RUNTIME)} may change)")
-        cfg = load_run_config(DetectConfig, args.resume, flags)
-    else:
-        cfg = resolve_detect_config(preset=args.preset, config_file=args.config, overrides=flags)
+    cfg = config_from_args(args, DetectConfig, resolve_detect_config)
     summary = train_detector(cfg, resume=args.resume)
     return 128 + (summary.get("signal") or 2) if summary.get("interrupted") else 0
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any, Callable
 
 from ..training.config import PRESETS, TrainConfig, load_run_config, resolve_config
 from ..training.layout import MEMORY_FORMATS
@@ -93,15 +94,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-tensorboard", dest="tensorboard", action="store_const", const=False)
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    fields = TrainConfig.__dataclass_fields__
+def config_from_args(args: argparse.Namespace, cls: type = TrainConfig, resolve: Callable[..., Any] = resolve_config) -> Any:
+    """The run's config from the flags: the saved one on ``--resume`` (only RUNTIME flags may change), else preset <- YAML <- flags.
+
+    Args:
+        cls: the task's config class (``TrainConfig``, ``DetectConfig``).
+        resolve: its ``resolve_config``-style builder.
+    """
+    fields = cls.__dataclass_fields__
     flags = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     if args.resume:
         ignored = sorted(set(flags) - set(RUNTIME))
         if ignored or args.config or args.preset:
             raise UsageError(f"--resume continues the run with its saved config; drop {', '.join(ignored or ['--config/--preset'])} (only {', '.join(RUNTIME)} may change)")
-        return load_run_config(TrainConfig, args.resume, flags)
-    return resolve_config(preset=args.preset, config_file=args.config, overrides=flags)
+        return load_run_config(cls, args.resume, flags)
+    return resolve(preset=args.preset, config_file=args.config, overrides=flags)
 
 
 def run(args: argparse.Namespace) -> int:
