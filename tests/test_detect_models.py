@@ -113,3 +113,32 @@ def test_detector_backbone_loads_timm_weights_and_refuses_the_wrong_stem(tmp_pat
     torch.save(torchvision.models.resnet50().state_dict(), tmp_path / "tv50.pth")
     with pytest.raises(ValueError, match="deep stem"):
         load_backbone(model, tmp_path / "tv50.pth", backbone="resnet50_ela", keep_mask=False, frozen_stages=1)
+
+
+def test_head_sizes_build_torchvision_heads_of_those_widths() -> None:
+    """Light heads (the embedded job's): FPN/RPN width C, TwoMLPHead of width D on 7x7 RoIs, N convs of width W
+    in MaskRCNNHeads; parameter counts by hand. The defaults stay torchvision's (Table 3's counts above)."""
+    from torchvision.models.detection.faster_rcnn import TwoMLPHead
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+
+    C, D, W, N, K = 64, 256, 64, 2, 11
+    m = create_detector("mask_rcnn", backbone="resnet18_ela", num_classes=K, fpn_channels=C, box_head_dim=D,
+                        mask_head_channels=W, mask_head_convs=N)
+    assert m.backbone.out_channels == C and isinstance(m.roi_heads.box_head, TwoMLPHead)
+    count = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
+    assert count(m.roi_heads.box_head) == C * 49 * D + D + D * D + D
+    assert count(m.roi_heads.box_predictor) == D * K + K + D * 4 * K + 4 * K
+    assert isinstance(m.roi_heads.mask_head, MaskRCNNHeads) and len(m.roi_heads.mask_head) == N
+    assert count(m.roi_heads.mask_head) == (C * W * 9 + W) + (N - 1) * (W * W * 9 + W)
+    assert count(m.roi_heads.mask_predictor) == (W * W * 4 + W) + (W * K + K)  # 2x2 deconv, 1x1 logits
+    assert count(m.rpn.head) == (C * C * 9 + C) + (C * 3 + 3) + (C * 12 + 12)  # 3 anchors per place
+    m.eval()
+    out = m([torch.rand(3, 64, 64)])[0]
+    assert set(out) == {"boxes", "labels", "scores", "masks"}
+    default = create_detector("mask_rcnn", backbone="resnet50", num_classes=K)
+    assert default.backbone.out_channels == 256 and len(default.roi_heads.mask_head) == 4
+    assert default.roi_heads.box_head.fc7.out_features == 1024
+    with pytest.raises(ValueError, match="mask_head_convs must be >= 1"):
+        create_detector("mask_rcnn", backbone="resnet18", num_classes=K, mask_head_convs=0)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        create_detector("mask_rcnn", backbone="resnet18", num_classes=K, norm="gn", fpn_channels=48)

@@ -164,3 +164,20 @@ def test_bad_input_one_line_and_nothing_written(coco, tmp_path, capsys) -> None:
     _fails(["detect", "train", "--keep-mask", "--out", str(out)], capsys, "pass --pretrained")
     _fails(["detect", "eval", str(tmp_path / "nothing.pt")], capsys, "does not exist")
     assert not out.exists()
+
+
+def test_detect_bench_times_every_variant(tmp_path, monkeypatch, capsys) -> None:
+    """`elanet bench --task detect` at tiny settings: every variant has its timed steps and the pruned masks."""
+    monkeypatch.setenv("ELANET_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--task", "detect", "--fractions", "0", "1", "--batch-size", "1", "--image-size", "64",
+                 "--steps", "1", "--warmup", "0", "--threads", "1", "--quiet", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in report["results"]}
+    assert list(rows) == ["plain", "MRLA-L", "ELA 0%", "ELA 100%"]
+    assert all(len(r["step_times_s"]) == 1 and r["median_step_s"] > 0 and r["gmacs"] > 0 for r in rows.values())
+    assert rows["ELA 0%"]["active_ela_blocks"] == 16 and rows["ELA 100%"]["pruned_fraction"] == 1.0
+    assert rows["ELA 100%"]["active_ela_blocks"] == 4  # only the first block of each stage stays (SPEC §3)
+    assert rows["plain"]["active_ela_blocks"] is None
+    assert report["settings"]["heads"]["fpn_channels"] == 64 and report["settings"]["image_size"] == 64
+    assert "elanet bench --task detect" in report["command"]

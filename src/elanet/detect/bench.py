@@ -20,10 +20,16 @@ from ..bench import SCHEMA, Variant, _versions, peak_memory, spread_mask
 from ..models import create_model
 from ..pruning import ela_blocks, set_mask
 from .coco import CocoDetection, DetectionLoader, coco_paths
+from .config import DETECT_PRESETS
 from .detectors import create_detector
 from .synthetic import make_synthetic_coco
 
-__all__ = ["detect_variants", "run_detect_benchmark"]
+__all__ = ["detect_variants", "run_detect_benchmark", "EMBEDDED_HEADS"]
+
+# The embedded job's head sizes and RoI sampling, so the benchmark times the step `elanet detect train` runs.
+EMBEDDED_HEADS = {k: DETECT_PRESETS["synthetic"][k] for k in (
+    "fpn_channels", "box_head_dim", "mask_head_channels", "mask_head_convs", "rpn_post_nms_top_n_train",
+    "box_batch_size_per_image", "box_positive_fraction")}
 
 
 def detect_variants(depths: Sequence[int], *, fractions: Sequence[float] = (0.0, 0.5, 1.0)) -> list[Variant]:
@@ -78,7 +84,7 @@ def run_detect_benchmark(
     for v in variants:
         torch.manual_seed(seed)
         model = create_detector(detector, backbone=v.model, num_classes=data.num_classes, min_size=image_size,
-                                max_size=image_size, rpn_post_nms_top_n_train=300, box_batch_size_per_image=32).to(device)
+                                max_size=image_size, **EMBEDDED_HEADS).to(device)
         if v.mask is not None:
             set_mask(model, v.mask)
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.002, momentum=0.9, weight_decay=1e-4)
@@ -121,7 +127,7 @@ def run_detect_benchmark(
         "settings": {"detector": detector, "batch_size": batch_size, "image_size": image_size, "steps": steps,
                      "warmup": warmup, "device": str(device), "threads": torch.get_num_threads(), "seed": seed,
                      "data": "synthetic digits (COCO format), first training batch",
-                     "optimizer": "SGD(lr=0.002, momentum=0.9, weight_decay=1e-4)",
+                     "optimizer": "SGD(lr=0.002, momentum=0.9, weight_decay=1e-4)", "heads": EMBEDDED_HEADS,
                      "gmacs": "one inference forward of one image at image_size (backbone, FPN, RPN, heads)"},
         "machine": {"cpu_count": os.cpu_count(), "loadavg_1min": load,
                     "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"},

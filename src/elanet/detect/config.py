@@ -39,6 +39,10 @@ class DetectConfig(RunConfig):
     norm_eval: bool | None = None  # default: with --pretrained
     norm: str = "bn"  # bn | gn (GroupNorm in the backbone and FPN)
     drop_path: float = 0.0
+    fpn_channels: int = 256  # FPN / RPN / RoI feature width (torchvision's and Table 3's heads: 256)
+    box_head_dim: int = 1024  # width of the box head's two fully connected layers (1024)
+    mask_head_channels: int = 256  # width of the mask head's convs (256) ...
+    mask_head_convs: int = 4  # ... and their number (4)
     rpn_post_nms_top_n_train: int = 2000
     box_batch_size_per_image: int = 512
     box_positive_fraction: float = 0.25
@@ -59,7 +63,8 @@ class DetectConfig(RunConfig):
         if model_info(self.model)["family"] != "imagenet":  # unknown names raise with close matches
             raise ValueError(f"{self.model} is a CIFAR classification model and cannot be a detection backbone: pass an "
                              f"ImageNet backbone such as --model resnet50_ela (`elanet models --detectors` lists them)")
-        for k in ("batch_size", "min_size", "max_size", "rpn_post_nms_top_n_train", "box_batch_size_per_image"):
+        for k in ("batch_size", "min_size", "max_size", "rpn_post_nms_top_n_train", "box_batch_size_per_image",
+                  "fpn_channels", "box_head_dim", "mask_head_channels", "mask_head_convs"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
         if self.min_size > self.max_size:
@@ -72,6 +77,8 @@ class DetectConfig(RunConfig):
             raise ValueError(f"frozen_stages must be in -1..4, got {self.frozen_stages}")
         if self.norm not in ("bn", "gn"):
             raise ValueError(f"norm must be bn or gn, got {self.norm!r}")
+        if self.norm == "gn" and self.fpn_channels % 32:
+            raise ValueError(f"GroupNorm uses 32 groups: --fpn-channels must be a multiple of 32 with --norm gn, got {self.fpn_channels}")
         if not 0 <= self.drop_path < 1:
             raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
         if self.workers < 0 or self.predictions < 0:
@@ -104,6 +111,7 @@ DETECT_PRESETS: dict[str, dict[str, Any]] = {
                       weight_decay=1e-4, warmup_iters=100, warmup_ratio=0.001, milestones=[], grad_clip=10.0,
                       min_size=128, max_size=128, flip=True, windows=[[1, 1]], alpha=2.0, beta=5.0, tau=0.2,
                       rpn_post_nms_top_n_train=300, box_batch_size_per_image=32, box_positive_fraction=0.25,
+                      fpn_channels=64, box_head_dim=256, mask_head_channels=64, mask_head_convs=2,
                       workers=0, predictions=8),
     # The paper's recipe (MMDetection 1x): SGD 0.02 for a total batch of 16 (8 processes x 2), momentum 0.9,
     # weight decay 1e-4, 500-iteration linear warm-up, lr x0.1 after epochs 8 and 11 of 12, 1333x800 + flip,

@@ -15,6 +15,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
@@ -90,9 +92,19 @@ def create_detector(
     drop_path: float = 0.0,
     min_size: int = 800,
     max_size: int = 1333,
+    fpn_channels: int = 256,
+    box_head_dim: int = 1024,
+    mask_head_channels: int = 256,
+    mask_head_convs: int = 4,
     **kwargs: Any,
 ) -> GeneralizedRCNN:
-    """Build a Faster R-CNN or Mask R-CNN with an FPN (256 channels, P2-P6) on ``backbone``'s layer1-4.
+    """Build a Faster R-CNN or Mask R-CNN with an FPN (P2-P6) on ``backbone``'s layer1-4.
+
+    The head sizes default to torchvision's (and MMDetection's, so Table 3's): a 256-channel FPN and
+    RPN, a two-layer 1024-d MLP box head (``TwoMLPHead``) on 7x7 RoI features and four 3x3 convs of
+    256 channels in the mask head (``MaskRCNNHeads``) on 14x14 RoI features. Smaller heads are for
+    small images and CPU budgets (the embedded synthetic job); they change the absolute parameter
+    count but not the backbone's.
 
     Args:
         kind: ``'faster_rcnn'`` or ``'mask_rcnn'``.
@@ -108,6 +120,10 @@ def create_detector(
             FPN; the attention modules keep their own BatchNorm). ``'gn'`` is for training from scratch.
         drop_path: DropPath rate on the attention branch.
         min_size, max_size: the shorter / longer side limits of the detector's resize (ratio kept).
+        fpn_channels: channels of the FPN outputs, hence of the RPN head and the RoI features.
+        box_head_dim: width of the box head's two fully connected layers.
+        mask_head_channels: width of the mask head's convs and of its deconvolution.
+        mask_head_convs: number of 3x3 convs in the mask head.
         **kwargs: passed on to torchvision's ``FasterRCNN`` / ``MaskRCNN`` (e.g. ``box_batch_size_per_image``).
     """
     if kind not in DETECTORS:
@@ -120,6 +136,12 @@ def create_detector(
         raise ValueError(f"num_classes counts the background too and must be >= 2, got {num_classes}")
     if norm not in ("bn", "gn"):
         raise ValueError(f"norm must be 'bn' or 'gn', got {norm!r}")
+    for name, v in (("fpn_channels", fpn_channels), ("box_head_dim", box_head_dim),
+                    ("mask_head_channels", mask_head_channels), ("mask_head_convs", mask_head_convs)):
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    if norm == "gn" and fpn_channels % 32:
+        raise ValueError(f"GroupNorm uses 32 groups: fpn_channels must be a multiple of 32 with norm='gn', got {fpn_channels}")
     frozen_stages = (1 if pretrained else -1) if frozen_stages is None else frozen_stages
     if not -1 <= frozen_stages <= 4:
         raise ValueError(f"frozen_stages must be in -1..4, got {frozen_stages}")
@@ -128,11 +150,16 @@ def create_detector(
     body = create_model(backbone, num_classes=0, drop_path=drop_path, norm_layer=norm_layer)
     freeze_stages(body, frozen_stages)
     in_channels = [f["num_chs"] for f in body.feature_info]
-    fpn = ELABackboneWithFPN(body, {s: str(i) for i, s in enumerate(_STAGES)}, in_channels, 256,
+    fpn = ELABackboneWithFPN(body, {s: str(i) for i, s in enumerate(_STAGES)}, in_channels, fpn_channels,
                              extra_blocks=LastLevelMaxPool(), norm_layer=GroupNorm32 if norm == "gn" else None,
                              norm_eval=norm_eval)
+    heads: dict[str, nn.Module] = {"box_head": TwoMLPHead(fpn_channels * 7 * 7, box_head_dim),  # 7x7 RoIAlign
+                                   "box_predictor": FastRCNNPredictor(box_head_dim, num_classes)}
+    if kind == "mask_rcnn":
+        heads["mask_head"] = MaskRCNNHeads(fpn_channels, [mask_head_channels] * mask_head_convs, 1)
+        heads["mask_predictor"] = MaskRCNNPredictor(mask_head_channels, mask_head_channels, num_classes)
     build = MaskRCNN if kind == "mask_rcnn" else FasterRCNN
-    model = build(fpn, num_classes=num_classes, min_size=min_size, max_size=max_size, **kwargs)
+    model = build(fpn, min_size=min_size, max_size=max_size, **heads, **kwargs)
     model.backbone_name = backbone  # type: ignore[assignment]
     model.kind = kind  # type: ignore[assignment]
     return model

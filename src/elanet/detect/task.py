@@ -57,6 +57,11 @@ def load_backbone(model: nn.Module, source: str | os.PathLike, *, backbone: str,
     return ckpt
 
 
+def head_sizes(cfg: DetectConfig) -> dict[str, int]:
+    """The :func:`create_detector` head-size arguments of a run (saved in its checkpoints to rebuild it)."""
+    return {k: getattr(cfg, k) for k in ("fpn_channels", "box_head_dim", "mask_head_channels", "mask_head_convs")}
+
+
 def _clip(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any, *, max_norm: float) -> None:
     """Optimizer step pre-hook: clip the gradient norm of every parameter the optimizer steps."""
     nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"] if p.grad is not None], max_norm)
@@ -97,7 +102,7 @@ class Detection:
         model = create_detector(
             cfg.detector, backbone=cfg.model, num_classes=train.num_classes, pretrained=cfg.pretrained is not None,
             frozen_stages=cfg.frozen_stages, norm_eval=cfg.norm_eval, norm=cfg.norm, drop_path=cfg.drop_path,
-            min_size=cfg.min_size, max_size=cfg.max_size, rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
+            min_size=cfg.min_size, max_size=cfg.max_size, **head_sizes(cfg), rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
             box_batch_size_per_image=cfg.box_batch_size_per_image, box_positive_fraction=cfg.box_positive_fraction)
         if cfg.pretrained is not None:
             frozen = cfg.frozen_stages if cfg.frozen_stages is not None else 1
@@ -146,7 +151,8 @@ class Detection:
     def checkpoint_meta(self) -> dict[str, Any]:
         c = self.cfg
         return {"task": "detect", "detector": c.detector, "num_classes": len(self.classes) + 1, "classes": list(self.classes),
-                "category_ids": list(self.category_ids), "min_size": c.min_size, "max_size": c.max_size, "norm": c.norm}
+                "category_ids": list(self.category_ids), "min_size": c.min_size, "max_size": c.max_size, "norm": c.norm,
+                "heads": head_sizes(c)}
 
     def finish(self, model: nn.Module, ctx: Context) -> None:
         if self.cfg.predictions:
@@ -191,6 +197,6 @@ def detector_from_checkpoint(ckpt: dict[str, Any], *, device: str | torch.device
         raise ValueError("this is not a detection checkpoint (written by `elanet detect train`); classification "
                          "checkpoints are evaluated with `elanet eval`")
     model = create_detector(ckpt["detector"], backbone=ckpt["model_name"], num_classes=ckpt["num_classes"],
-                            norm=ckpt["norm"], min_size=ckpt["min_size"], max_size=ckpt["max_size"])
+                            norm=ckpt["norm"], min_size=ckpt["min_size"], max_size=ckpt["max_size"], **ckpt.get("heads", {}))
     model.load_state_dict(ckpt["model"])  # each ELA block's `active` flag travels as module extra state
     return model.to(device).eval()
