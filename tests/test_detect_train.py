@@ -39,7 +39,7 @@ def coco(tmp_path_factory) -> Path:
 
 def tiny_cfg(data: Path, out: Path, **kw):
     """Mask R-CNN, ELA ResNet-50 from scratch at 64 px: 3 steps per epoch, KL in epoch 1, decided at its end."""
-    over = dict(data_dir=str(data), preset="synthetic", out=str(out), epochs=2, batch_size=1, min_size=64, max_size=64,
+    over = dict(data_dir=str(data), preset="synthetic", model="resnet50_ela", out=str(out), epochs=2, batch_size=1, min_size=64, max_size=64,
                 windows=[[1, 1]], warmup_iters=2, milestones=[], lr=0.01, rpn_post_nms_top_n_train=50,
                 box_batch_size_per_image=16, predictions=1, plots=False, tensorboard=False, threads=1, workers=0)
     return resolve_detect_config(overrides={**over, **kw})
