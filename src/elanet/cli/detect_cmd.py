@@ -1,6 +1,6 @@
 """``elanet detect train | eval | predict``: Faster / Mask R-CNN with ELA backbones on COCO-format data.
 
-With no arguments, ``elanet detect train`` trains a Mask R-CNN with an ELA ResNet-50 on the embedded
+With no arguments, ``elanet detect train`` trains a Mask R-CNN with an ELA ResNet-18 on the embedded
 synthetic set (generated into the cache folder in COCO format on first use).
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from .train_cmd import _ints, _windows, config_from_args
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="detect_command", metavar="ACTION")
-    t = sub.add_parser("train", help="train a detector (default: Mask R-CNN, ELA ResNet-50, synthetic digits)",
+    t = sub.add_parser("train", help="train a detector (default: Mask R-CNN, ELA ResNet-18, synthetic digits)",
                        description="Train a detector with staged ELA pruning. Presets: synthetic (default), coco (with --data-dir).")
     _train_arguments(t)
     e = sub.add_parser("eval", help="COCO evaluation of a checkpoint; writes bbox.json / segm.json",
@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _train_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what to train")
     g.add_argument("--detector", choices=["faster_rcnn", "mask_rcnn"])
-    g.add_argument("--model", help="backbone: a registered ImageNet model (default resnet50_ela); `elanet models --detectors`")
+    g.add_argument("--model", help="backbone: a registered ImageNet model (default resnet18_ela on the synthetic set, resnet50_ela with the coco preset); `elanet models --detectors`")
     g.add_argument("--data-dir", help="COCO 2017 layout: annotations/instances_train2017.json, train2017/, val2017/ "
                                       "(default: the synthetic set)")
     g.add_argument("--train-split", help="default train2017")
