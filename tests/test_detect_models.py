@@ -93,6 +93,8 @@ def test_configs_load_and_the_ela_config_is_the_paper_recipe() -> None:
     assert (cfg.min_size, cfg.max_size, cfg.flip, cfg.windows, cfg.alpha, cfg.beta, cfg.tau) == (800, 1333, True, [[1, 1], [7, 7]], 2.0, 5.0, 0.2)
     assert cfg.lr_at(1, iteration=0) == pytest.approx(0.02 * 0.001) and cfg.lr_at(1, iteration=250) == pytest.approx(0.02 * (0.001 + 0.999 / 2))
     assert cfg.lr_at(9, iteration=10**5) == pytest.approx(0.002) and cfg.lr_at(12, iteration=10**5) == pytest.approx(0.0002)
+    heads = (cfg.fpn_channels, cfg.box_head_dim, cfg.mask_head_channels, cfg.mask_head_convs)
+    assert heads == (256, 1024, 256, 4) and cfg.box_batch_size_per_image == 512  # Table 3's heads, not the embedded job's
 
 
 def test_detector_backbone_loads_timm_weights_and_refuses_the_wrong_stem(tmp_path):
