@@ -145,3 +145,19 @@ def test_fold_attention_bn_only_where_a_stage_keeps_one_block():
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_inference_model_swaps_in_the_inference_forms_with_the_same_outputs():
+    model = create_model("resnet20_ela").eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(), m.running_var.uniform_(0.5, 2.0), m.weight.data.normal_(), m.bias.data.normal_()
+    set_mask(model, [True, True, True, False, True, False])  # stage 1 keeps two blocks, stages 2 and 3 one each
+    fast = inference_model(model)
+    kinds = [type(b.attn).__name__ for s in fast.stages for b in s if b.attn is not None]
+    assert kinds == ["InferenceMRLA", "InferenceMRLA", "LoneValue", "LoneValue"]
+    assert {type(b.attn).__name__ for s in model.stages for b in s} == {"MRLABase"}  # the source model is unchanged
+    for batch in (1, 3):  # batch 1 is what the inference forms are for
+        x = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
