@@ -156,6 +156,7 @@ def test_inference_model_swaps_in_the_inference_forms_with_the_same_outputs():
     fast = inference_model(model)
     kinds = [type(b.attn).__name__ for s in fast.stages for b in s if b.attn is not None]
     assert kinds == ["InferenceMRLA", "InferenceMRLA", "LoneValue", "LoneValue"]
+    assert [s.context is None for s in fast.stages] == [False, True, True]  # lone blocks need no stage memory
     assert {type(b.attn).__name__ for s in model.stages for b in s} == {"MRLABase"}  # the source model is unchanged
     for batch in (1, 3):  # batch 1 is what the inference forms are for
         x = torch.randn(batch, 3, 32, 32)

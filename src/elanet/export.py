@@ -163,14 +163,21 @@ def specialise_attention(model: nn.Module) -> nn.Module:
     """Swap each active MRLA-B / ELA module of an eval model for its inference form, in place.
 
     A block whose BN :func:`fold_attention_bn` folded becomes a :class:`LoneValue`; every other
-    active block an :class:`InferenceMRLA`. Outputs are unchanged up to float rounding; for
-    inference only. Run it after :func:`strip_pruned` and :func:`fold_attention_bn`.
+    active block an :class:`InferenceMRLA`; a stage left without retrievals drops its memory context.
+    Outputs are unchanged up to float rounding; for inference only. Run it after :func:`strip_pruned` and :func:`fold_attention_bn`.
     """
+    from .attention.layer import StageMemory
+    from .models.resnet import Stage
+
     for block in list(model.modules()):
         m = getattr(block, "attn", None)
         if not isinstance(m, MRLABase) or isinstance(m, InferenceMRLA) or not m.active:
             continue
         block.attn = LoneValue(m.conv_v) if isinstance(m.bn, nn.Identity) else InferenceMRLA(m)
+    for stage in model.modules():  # a stage left without retrievals needs no memory (StageMemory has no parameters)
+        if isinstance(stage, Stage) and isinstance(stage.context, StageMemory) and \
+                not any(isinstance(b.attn, MRLABase) for b in stage if getattr(b, "attn", None) is not None):
+            stage.context = None
     return model
 
 
