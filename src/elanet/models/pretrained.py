@@ -53,7 +53,8 @@ class PretrainedReport:
     def summary(self) -> str:
         init = ", ".join(f"{n} x{k}" for n, k in self.initialised.items()) or "none"
         return (f"loaded {self.loaded} pretrained tensors; {len(self.missing)} attention/classifier tensors start fresh"
-                f"{' (classifier reset: class counts differ)' if self.classifier_reset else ''}; attention initialised: {init}")
+                f"{' (classifier reset: class counts differ)' if self.classifier_reset else ''}; attention initialised: {init}"
+                f"{f'; {len(self.widened)} weights widened (extra inputs start at 0)' if self.widened else ''}")
 
 
 def resolve_source(source: Any) -> dict[str, Tensor]:
