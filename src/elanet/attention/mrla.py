@@ -69,12 +69,20 @@ class _QKV(nn.Module):
         self.scale = head_dim ** -0.5
 
     def query_key(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Query and key ``[B, heads, d]``: ``conv_q`` and ``conv_k`` over the pooled channel sequence.
+
+        Both 1-D convolutions are computed as one small product of the sequence's sliding windows
+        with the two kernels: the same numbers, without two convolution calls per block whose
+        fixed cost on CPU exceeds the arithmetic of a ``[B, 1, C]`` input.
+        """
         b, _, h, w = x.shape
+        k = self.kernel_size
         # the global average as a sum times 1/(H*W): its backward broadcasts instead of writing a full-size tensor
-        y = (x.sum((2, 3)) * (1.0 / (h * w))).unsqueeze(1)  # [B, 1, C]: the channel sequence
-        q = self.conv_q(y).view(b, self.heads, self.head_dim)
-        k = self.conv_k(y).view(b, self.heads, self.head_dim)
-        return q, k
+        y = x.sum((2, 3)) * (1.0 / (h * w))  # [B, C]: the channel sequence
+        windows = F.pad(y, (k // 2, k // 2)).unfold(1, k, 1)  # [B, C, k]: windows[:, c, j] = y_pad[:, c + j]
+        kernels = torch.cat((self.conv_q.weight.view(1, k), self.conv_k.weight.view(1, k))).to(y.dtype)
+        q, key = torch.matmul(windows, kernels.t()).unbind(-1)  # cross-correlation, as nn.Conv1d computes it
+        return q.view(b, self.heads, self.head_dim), key.view(b, self.heads, self.head_dim)
 
 
 class MRLABase(_QKV):

@@ -5,6 +5,8 @@ import argparse
 import importlib
 import sys
 
+from ..runtime import keep_freed_memory
+
 __all__ = ["main", "UsageError"]
 
 # sub-command -> module under elanet.cli that defines add_arguments(parser) and run(args) -> int
@@ -36,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    keep_freed_memory()  # every step reuses its large blocks instead of page-faulting them in again
     try:
         return int(modules[args.command].run(args) or 0)
     except (UsageError, ValueError, OSError) as e:  # OSError: missing files, full disk, permissions
