@@ -13,6 +13,7 @@ leading input channels and start at zero in the extra ones.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from collections.abc import Mapping
@@ -279,6 +280,7 @@ def init_attention(model: nn.Module, *, gamma: float = MRLA_B_GAMMA) -> dict[str
     Each module owns its start: a module class defines ``init_pretrained_start() -> float | None``,
     which sets its parameters so that, for every input, the module adds exactly 0 to what it sees, or
     scales it by a constant, and returns that constant (1.0 when it adds 0; stage contexts return None).
+    A start with a free setting takes it as a keyword: MRLA-B / ELA take ``gamma``.
     This function calls it on every module and then makes the network's function the pretrained one:
 
     - a **branch gate** that scales by ``s`` (SE, ECA 0.5; CBAM, DIA 0.25; BAM 1.5) has its block's last
@@ -298,20 +300,16 @@ def init_attention(model: nn.Module, *, gamma: float = MRLA_B_GAMMA) -> dict[str
     Returns:
         The number of modules started, by class name.
     """
-    from ..attention import MRLABase, MRLALight
     from ..attention.context import attachment
 
     done: dict[str, int] = {}
     gains: dict[nn.Module, float] = {}
     for m in model.modules():
-        if isinstance(m, (MRLABase, MRLALight)):  # attention/mrla.py: to become their own init_pretrained_start
-            m.bn.weight.fill_(gamma if isinstance(m, MRLABase) else 0.0)
-            m.bn.bias.zero_()
-            gain = 1.0
-        elif callable(getattr(m, "init_pretrained_start", None)):
-            gain = m.init_pretrained_start()
-        else:
+        start = getattr(m, "init_pretrained_start", None)
+        if not callable(start):
             continue
+        # a start with a free setting takes it by keyword (MRLA-B / ELA: the small BN gamma)
+        gain = start(gamma=gamma) if "gamma" in inspect.signature(start).parameters else start()
         gains[m] = 1.0 if gain is None else float(gain)
         done[type(m).__name__] = done.get(type(m).__name__, 0) + 1
     for block in _blocks(model):
