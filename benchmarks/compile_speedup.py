@@ -30,10 +30,17 @@ p.add_argument("--batch-size", type=int, default=32)
 p.add_argument("--steps", type=int, default=7)
 p.add_argument("--warmup", type=int, default=2, help="untimed rounds (the first compiles)")
 p.add_argument("--threads", type=int, default=2)
+p.add_argument("--timer", choices=["wall", "thread"], default="wall",
+               help="step time: wall clock, or this thread's CPU time (robust to other processes' load; use with --threads 1)")
+p.add_argument("--compile-threads", type=int, default=None, help="inductor compile workers (1: compile in-process)")
 p.add_argument("--out", default="compile.json")
 args = p.parse_args()
 torch.set_num_threads(args.threads)
 torch._dynamo.config.recompile_limit = 64
+if args.compile_threads is not None:
+    torch._inductor.config.compile_threads = args.compile_threads
+clock = time.thread_time if args.timer == "thread" else time.perf_counter
+load_start = os.getloadavg()
 
 variants = []
 for d in args.depths:
@@ -57,23 +64,24 @@ order, rng, start = list(runners), random.Random(0), time.perf_counter()
 for r in range(args.warmup + args.steps):
     rng.shuffle(order)
     for k in order:
-        t = time.perf_counter()
+        t, wall, cpu = clock(), time.perf_counter(), time.process_time()
         runners[k].step(x, y)
-        dt = time.perf_counter() - t
+        dt = clock() - t
         if r == 0 and k[1] == "compiled":
-            compile_s[k[0]] = dt
+            compile_s[k[0]] = (time.perf_counter() - wall, time.process_time() - cpu)
         if r >= args.warmup:
             times[k].append(dt)
-    print(f"round {r + 1}/{args.warmup + args.steps} done after {time.perf_counter() - start:.0f} s", flush=True)
+    print(f"round {r + 1}/{args.warmup + args.steps} done after {time.perf_counter() - start:.0f} s "
+          f"(load average {os.getloadavg()[0]:.1f})", flush=True)
 
 rows = []
 for i, v in enumerate(variants):
     eager, comp = statistics.median(times[(i, "eager")]), statistics.median(times[(i, "compiled")])
     rows.append({"model": v.model, "variant": v.label, "eager_median_s": eager, "compiled_median_s": comp,
                  "speedup": eager / comp, "eager_times_s": times[(i, "eager")], "compiled_times_s": times[(i, "compiled")],
-                 "first_compiled_step_s": compile_s[i]})
+                 "first_compiled_step_wall_s": compile_s[i][0], "first_compiled_step_cpu_s": compile_s[i][1]})
     print(f"{v.model:<16} {v.label:<8} eager {1e3 * eager:8.0f} ms  compiled {1e3 * comp:8.0f} ms  "
-          f"speed-up {eager / comp:5.2f}x  (first compiled step {compile_s[i]:.0f} s)")
+          f"speed-up {eager / comp:5.2f}x  (first compiled step {compile_s[i][0]:.0f} s wall, {compile_s[i][1]:.0f} s CPU)")
 with open(args.out, "w") as f:
     json.dump({"settings": vars(args), "torch": torch.__version__, "cpu_count": os.cpu_count(),
-               "loadavg_1min": os.getloadavg()[0], "results": rows}, f, indent=1)
+               "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "results": rows}, f, indent=1)

@@ -13,7 +13,7 @@ from elanet import count_params, create_model
 from elanet.cli import main
 from elanet.data import build_data
 from elanet.attention import MRLABase
-from elanet.export import export_model, fold_attention_bn, load_exported, strip_pruned
+from elanet.export import export_model, fold_attention_bn, inference_model, load_exported, strip_pruned
 from elanet.pruning import get_mask, set_mask
 from elanet.training import TrainConfig, train
 from elanet.training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -68,8 +68,9 @@ def test_export_pt2_matches_checkpoint_and_loads_without_elanet(pruned_run, tmp_
         expected = model(x)
     exported, meta = load_exported(out)
     torch.testing.assert_close(exported(x), expected, rtol=0, atol=1e-5)
-    assert meta["params"] == count_params(fold_attention_bn(strip_pruned(model))) < meta["params_before"] == count_params(model)
-    assert meta["macs"] == meta["macs_before"] < meta["macs_unpruned"] and meta["mask"] == MASK
+    assert meta["params"] == count_params(inference_model(model)) < count_params(fold_attention_bn(strip_pruned(model))) < meta["params_before"] == count_params(model)
+    # the lone active block of a stage also loses its query / key convs (a softmax over one layer is 1)
+    assert meta["macs"] < meta["macs_before"] < meta["macs_unpruned"] and meta["mask"] == MASK
 
     # a fresh interpreter where `import elanet` fails: the program needs torch only
     torch.save(x, tmp_path / "x.pt")
@@ -144,3 +145,20 @@ def test_fold_attention_bn_only_where_a_stage_keeps_one_block():
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_inference_model_swaps_in_the_inference_forms_with_the_same_outputs():
+    model = create_model("resnet20_ela").eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(), m.running_var.uniform_(0.5, 2.0), m.weight.data.normal_(), m.bias.data.normal_()
+    set_mask(model, [True, True, True, False, True, False])  # stage 1 keeps two blocks, stages 2 and 3 one each
+    fast = inference_model(model)
+    kinds = [type(b.attn).__name__ for s in fast.stages for b in s if b.attn is not None]
+    assert kinds == ["InferenceMRLA", "InferenceMRLA", "LoneValue", "LoneValue"]
+    assert [s.context is None for s in fast.stages] == [False, True, True]  # lone blocks need no stage memory
+    assert {type(b.attn).__name__ for s in model.stages for b in s} == {"MRLABase"}  # the source model is unchanged
+    for batch in (1, 3):  # batch 1 is what the inference forms are for
+        x = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)

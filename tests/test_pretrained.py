@@ -60,6 +60,56 @@ def test_ela_attention_learns_after_one_step():
     assert later and all(m.conv_q.weight.grad.abs().sum() > 0 for m in later)
 
 
+def _pretrained_like(model: torch.nn.Module) -> torch.nn.Module:
+    """Random BN statistics and affines, so that a gate left at 0.5 or a skipped rescale shows in the output."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                for t, lo, hi in ((m.running_mean, -0.1, 0.1), (m.running_var, 0.5, 1.5), (m.weight, 0.5, 1.5), (m.bias, -0.1, 0.1)):
+                    t.copy_(torch.empty(t.shape).uniform_(lo, hi, generator=g))
+    return model.eval()
+
+
+_BASELINES = [  # (model, source, image side, modules started)
+    ("resnet18_se", lambda: torchvision.models.resnet18(), 64, {"SE": 8}),
+    ("resnet18_eca", lambda: torchvision.models.resnet18(), 64, {"ECA": 8}),
+    ("resnet50_cbam", lambda: timm.create_model("resnet50"), 64, {"CBAM": 16}),
+    ("resnet50_gc", lambda: torchvision.models.resnet50(), 64, {"GC": 16}),
+    ("resnet50_rla", lambda: torchvision.models.resnet50(), 64, {"RLAStep": 16}),
+    ("resnet50_dla_l", lambda: torchvision.models.resnet50(), 64, {"DLALight": 16}),
+    ("resnet20_bam", lambda: elanet.create_model("resnet20"), 32, {"BAM": 6}),
+    ("resnet20_dia", lambda: elanet.create_model("resnet20"), 32, {"DIAGate": 6, "DIACell": 3}),
+]
+
+
+@pytest.mark.parametrize("name,source,side,started", _BASELINES, ids=[b[0] for b in _BASELINES])
+def test_baselines_start_as_the_source_and_their_attention_learns(name, source, side, started):
+    torch.manual_seed(0)
+    src, model = _pretrained_like(source()), elanet.create_model(name)
+    report = elanet.load_pretrained(model, src)
+    assert report.initialised == started and not report.classifier_reset
+    x = torch.randn(4, 3, side, side)
+    ref = _logits(src, x)
+    assert (_logits(model, x) - ref).abs().max() <= 1e-5 * ref.abs().max()  # exact up to float rounding
+    if name.endswith("_rla"):  # the pretrained weights fill the leading input channels, the state's start at 0
+        assert report.widened == [k for k in model.state_dict() if k.endswith("conv1.weight") and k.startswith("layer")] + ["fc.weight"]
+        torch.testing.assert_close(model.fc.weight[:, :2048], src.fc.weight, rtol=0, atol=0)
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    y = torch.arange(4) % model.num_classes
+    for step in range(2):  # at the start some gradients are 0 by design (behind a zeroed layer); after a step none is
+        opt.zero_grad()
+        F.cross_entropy(model.train()(x), y).backward()
+        opt.step() if step == 0 else None
+    attn = {k: p for k, p in model.named_parameters() if (".attn." in k or ".context." in k or k.startswith("final."))
+            and not k.endswith("attn.conv_attn.bias")}  # GC's softmax pooling is shift-invariant: that bias never learns
+    assert attn and all(p.grad is not None and p.grad.abs().sum() > 0 for p in attn.values()), \
+        [k for k, p in attn.items() if p.grad is None or p.grad.abs().sum() == 0]
+    for key in report.widened[1:]:  # RLA's extra inputs learn too (the first block's state is always 0: RLA-Net's h_0)
+        assert model.get_parameter(key).grad[:, -32:].abs().sum() > 0
+
+
 def test_sources_file_and_elanet_checkpoint_formats(tmp_path):
     src = elanet.create_model("resnet20", num_classes=7)
     torch.save(src.state_dict(), tmp_path / "w.pt")

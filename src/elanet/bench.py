@@ -464,14 +464,14 @@ def make_infer_variants(depths: Sequence[int], *, fractions: Sequence[float] = I
 
 
 def _infer_model(v: Variant, *, num_classes: int, device: torch.device, seed: int, compile: bool) -> nn.Module:
-    """The eval-mode model of a variant; an ELA variant as exported: pruned attention removed, attention BN folded."""
-    from .export import fold_attention_bn, strip_pruned
+    """The eval-mode model of a variant; an ELA variant as exported (:func:`elanet.export.inference_model`)."""
+    from .export import inference_model
 
     torch.manual_seed(seed)
     model = create_model(v.model, num_classes=num_classes).eval()
     if v.mask is not None:
         set_mask(model, v.mask)
-        model = fold_attention_bn(strip_pruned(model))
+        model = inference_model(model)
     model = model.to(device)
     return torch.compile(model) if compile else model
 
@@ -562,7 +562,7 @@ def run_infer_benchmark(
                      "threads": torch.get_num_threads(), "image_size": image_size, "seed": seed, "compile": compile,
                      "what": "eval-mode forward under torch.inference_mode; exported ELA = the model with pruned "
                              "attention removed and attention BN folded into the value conv "
-                             "(elanet.export.strip_pruned + fold_attention_bn), as elanet export writes it"},
+                             "(elanet.export.inference_model), as elanet export writes it"},
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "loadavg_1min": load,
                     "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"},

@@ -4,7 +4,9 @@ A pruned ELA block does no attention work (paper eq. 16), but during training it
 parameters so that the mask can be checkpointed and resumed. :func:`strip_pruned` makes that
 removal physical: the attention module of every pruned block is deleted, so its parameters are
 gone from the model; :func:`fold_attention_bn` folds the attention BN of a stage's only remaining
-block into its value convolution. :func:`export_model` then traces the stripped model in eval mode with
+block into its value convolution; :func:`specialise_attention` swaps every remaining attention module
+for an inference form with fewer small ops (what dominates at batch 1). :func:`inference_model` does
+all three. :func:`export_model` then traces that model in eval mode with
 ``torch.export`` (batch size dynamic, image size fixed) and writes
 
 - ``.pt2``: a ``torch.export`` program, loadable with ``torch.export.load`` alone (no elanet);
@@ -25,12 +27,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import MRLABase
+from .attention import LayerMemory, MRLABase
 from .profile import Profile, profile
 
-__all__ = ["FORMATS", "ExportReport", "strip_pruned", "fold_attention_bn", "export_model", "load_exported", "ExportedModel"]
+__all__ = ["FORMATS", "ExportReport", "strip_pruned", "fold_attention_bn", "specialise_attention", "inference_model",
+           "InferenceMRLA", "LoneValue", "export_model", "load_exported", "ExportedModel"]
 
 FORMATS = (".pt2", ".onnx")
 META_KEY = "elanet.json"  # the metadata entry: an extra file of the .pt2 archive, a metadata_props key in ONNX
@@ -104,6 +108,86 @@ def fold_attention_bn(model: nn.Module) -> nn.Module:
     return model
 
 
+class InferenceMRLA(MRLABase):
+    """An active MRLA-B / ELA block in eval mode with fewer small ops (eq. 5, same function).
+
+    The query and key convs are one conv with two output channels, the query's weights carrying the
+    ``1 / sqrt(d)`` scale; the descriptor is one ``mean``; the stage's first block (a softmax over
+    one layer, exactly 1) skips the query. Built by :func:`specialise_attention`; inference only
+    (no DropPath, no recorder, no gradients to its convs).
+    """
+
+    def __init__(self, m: MRLABase) -> None:
+        super().__init__(m.channels, head_dim=m.head_dim, prunable=m.prunable)
+        del self.conv_q, self.conv_k
+        self.conv_qk = nn.Conv1d(1, 2, m.kernel_size, padding=m.kernel_size // 2, bias=False).to(m.conv_q.weight)
+        with torch.no_grad():
+            self.conv_qk.weight.copy_(torch.cat((m.conv_q.weight * m.scale, m.conv_k.weight)))
+        self.conv_v, self.bn = m.conv_v, m.bn
+        self.block_index, self.stage_index, self.first_in_stage = m.block_index, m.stage_index, m.first_in_stage
+        self.eval()
+
+    def forward(self, x: Tensor, identity: Tensor | None, memory: LayerMemory) -> Tensor:
+        b = x.shape[0]
+        qk = self.conv_qk(x.mean((2, 3)).unsqueeze(1)).view(b, 2, self.heads, self.head_dim)
+        memory.keys.append(qk[:, 1])
+        if len(memory.keys) == 1:  # the stage's first value: its weight is exactly 1
+            attn = x.new_ones((b, self.heads, 1))
+        else:
+            keys = torch.stack(memory.keys, dim=2)  # [B, heads, n, d]
+            attn = torch.matmul(qk[:, 0].unsqueeze(2), keys.transpose(-1, -2)).squeeze(2).softmax(dim=-1)
+        out = memory.retrieve(attn, self.conv_v(x))
+        return x + F.relu(self.bn(out), inplace=True)
+
+
+class LoneValue(nn.Module):
+    """A stage's only active MRLA-B / ELA block in eval mode: ``x + ReLU(conv_v'(x))`` (eq. 5 with n = 1).
+
+    A softmax over one layer is exactly 1, so the block's output is its own value: the query, key,
+    softmax and the stage memory drop out, and ``conv_v'`` carries the folded BN
+    (:func:`fold_attention_bn`). Built by :func:`specialise_attention`.
+    """
+
+    position = "output"  # attaches where MRLA-B did (attention/context.py)
+    takes_state = True
+
+    def __init__(self, conv_v: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv_v = conv_v
+
+    def forward(self, x: Tensor, identity: Tensor | None, memory: Any) -> Tensor:
+        return x + F.relu(self.conv_v(x), inplace=True)
+
+
+def specialise_attention(model: nn.Module) -> nn.Module:
+    """Swap each active MRLA-B / ELA module of an eval model for its inference form, in place.
+
+    A block whose BN :func:`fold_attention_bn` folded becomes a :class:`LoneValue`; every other
+    active block an :class:`InferenceMRLA`; a stage left without retrievals drops its memory context.
+    Outputs are unchanged up to float rounding; for inference only. Run it after :func:`strip_pruned` and :func:`fold_attention_bn`.
+    """
+    from .attention.layer import StageMemory
+    from .models.resnet import Stage
+
+    for block in list(model.modules()):
+        m = getattr(block, "attn", None)
+        if not isinstance(m, MRLABase) or isinstance(m, InferenceMRLA) or not m.active:
+            continue
+        block.attn = LoneValue(m.conv_v) if isinstance(m.bn, nn.Identity) else InferenceMRLA(m)
+    for stage in model.modules():  # a stage left without retrievals needs no memory (StageMemory has no parameters)
+        if isinstance(stage, Stage) and isinstance(stage.context, StageMemory) and \
+                not any(isinstance(b.attn, MRLABase) for b in stage if getattr(b, "attn", None) is not None):
+            stage.context = None
+    return model
+
+
+def inference_model(model: nn.Module) -> nn.Module:
+    """The model ``elanet export`` writes: a copy in eval mode with pruned attention removed, the lone
+    blocks' BN folded and the attention in its inference form (:func:`strip_pruned`,
+    :func:`fold_attention_bn`, :func:`specialise_attention`). The input model is unchanged."""
+    return specialise_attention(fold_attention_bn(strip_pruned(model)))
+
+
 def _removed(model: nn.Module) -> int:
     return sum(isinstance(m, MRLABase) and not m.active for m in model.modules())
 
@@ -159,7 +243,7 @@ def export_model(
     size = tuple(int(s) for s in input_size)
     before = profile(model, size)
     removed = _removed(model)
-    stripped = fold_attention_bn(strip_pruned(model))
+    stripped = inference_model(model)
     after = profile(stripped, size)
     unpruned = copy.deepcopy(model)
     for m in unpruned.modules():

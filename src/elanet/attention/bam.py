@@ -38,6 +38,15 @@ class BAM(nn.Module):
         self.spatial = nn.Sequential(*cbr(channels, mid, 1, 1), *cbr(mid, mid, 3, dilation), *cbr(mid, mid, 3, dilation),
                                      nn.Conv2d(mid, 1, 1))
 
+    @torch.no_grad()
+    def init_pretrained_start(self) -> float:
+        """Zero both branches' last layers: ``M_c = M_s = 0``, so the module scales by ``1 + sigmoid(0) = 1.5``
+        for every input, where the sigmoid is steepest; both last layers get gradient at once."""
+        for layer in (self.channel[-1], self.spatial[-1]):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        return 1.5
+
     def forward(self, x: Tensor) -> Tensor:
         c = self.channel(x.mean((2, 3)))[:, :, None, None]  # [B, C, 1, 1]
         s = self.spatial(x)  # [B, 1, H, W]

@@ -32,6 +32,14 @@ class DIACell(StageContext):
         self.w_ih = _mlp(channels, 4 * channels, reduction)
         self.w_hh = _mlp(channels, 4 * channels, reduction)
 
+    @torch.no_grad()
+    def init_pretrained_start(self) -> None:
+        """Zero the last layer of both MLPs: all gate pre-activations are 0, so ``c`` stays 0 and every
+        block's ``h' = sigmoid(0) sigmoid(0) = 0.25`` (see :meth:`DIAGate.init_pretrained_start`)."""
+        for mlp in (self.w_ih, self.w_hh):
+            nn.init.zeros_(mlp[-1].weight)
+            nn.init.zeros_(mlp[-1].bias)
+
     def begin(self, blocks: list[nn.Module], x: Tensor, carry: None) -> dict:
         return {"cell": self, "h": None, "c": None}
 
@@ -59,6 +67,11 @@ class DIAGate(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.channels = channels
+
+    def init_pretrained_start(self) -> float:
+        """The gate once the stage's cell starts from pretrained weights (:meth:`DIACell.init_pretrained_start`):
+        0.25 for every input; the cell's last layers get gradient at once."""
+        return 0.25
 
     def forward(self, x: Tensor, state: dict) -> Tensor:
         h = state["cell"].step(x.mean((2, 3)), state)

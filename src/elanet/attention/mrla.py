@@ -123,6 +123,17 @@ class MRLABase(_QKV):
         out = memory.retrieve(attn, self.conv_v(x))  # stores v_t, returns sum_s alpha_s v_s
         return self.drop_path.add(x, F.relu(self.bn(out), inplace=True))
 
+    @torch.no_grad()
+    def init_pretrained_start(self, gamma: float = 1e-2) -> float:
+        """Start near the pretrained network (SPEC §7): BN gamma = ``gamma`` (small), beta = 0.
+
+        The branch adds ``ReLU(BN(o))``; at gamma = 0 the ReLU would pass no gradient and the branch
+        would never learn, so the start is close to, not equal to, the pretrained function.
+        """
+        self.bn.weight.fill_(gamma)
+        self.bn.bias.zero_()
+        return 1.0
+
     @property
     def active(self) -> bool:
         """Whether the block retrieves (m_l = 1); switching it off also stops its parameters' gradients."""
@@ -190,6 +201,14 @@ class MRLALight(_QKV):
         self.bn = nn.BatchNorm2d(channels)
         self.drop_path = DropPath(drop_path)
         self.lambda_t = nn.Parameter(torch.randn(channels))
+
+    @torch.no_grad()
+    def init_pretrained_start(self) -> float:
+        """Start exactly at the pretrained network: BN gamma = beta = 0, so the branch adds 0 and
+        gamma's gradient (the normalised branch times the upstream gradient) is non-zero."""
+        self.bn.weight.zero_()
+        self.bn.bias.zero_()
+        return 1.0
 
     def forward(self, x: Tensor, identity: Tensor, memory: LayerMemory | None = None) -> Tensor:
         b, c = x.shape[:2]

@@ -53,6 +53,11 @@ class RLAStep(nn.Module):
         self.input_chs = rla_channels
         self.bn = nn.BatchNorm2d(rla_channels)
 
+    def init_pretrained_start(self) -> float:
+        """The branch passes unchanged; what the state adds enters through the block's first conv, whose
+        ``input_chs`` extra input weights the loader zeroes (``init_attention``), so the start is exact."""
+        return 1.0
+
     def pre(self, x: Tensor, state: dict) -> Tensor:
         return torch.cat((x, state["h"]), dim=1)
 

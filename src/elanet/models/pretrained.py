@@ -6,17 +6,18 @@ pretrained ResNet lacks is the attention: those parameters, and the classifier w
 count differs, are the only keys allowed to be missing. Anything else that does not fit (a deeper
 ResNet, the 7x7 stem into a deep-stem model, ...) is refused with the first keys that differ.
 
-The attention then starts so that the network computes (almost) what the pretrained one computes,
-while its branch can still learn (SPEC §7): MRLA-B / ELA add ``ReLU(BN(o))`` to the block output,
-so their attention BN starts at a small gamma (``ReLU`` of an all-zero BN would pass no gradient);
-MRLA-L / DLA-L add ``BN(a)``, which learns from gamma = 0.
+The attention then starts so that the network computes what the pretrained one computes (exactly,
+or for MRLA-B / ELA almost), while its branch can still learn (SPEC §7; :func:`init_attention`).
+RLA's extra inputs (the block's first conv, the classifier) take the pretrained weights in their
+leading input channels and start at zero in the extra ones.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +41,21 @@ class PretrainedReport:
         missing: model keys the source does not have (attention, maybe the classifier), left as built.
         classifier_reset: whether the source's classifier was skipped (class counts differ).
         initialised: attention modules given a pretrained-friendly start, by class name.
+        widened: model keys with more input channels than the source's (RLA): the pretrained weights
+            fill the leading channels, the extra ones start at zero.
     """
 
     loaded: int
     missing: list[str]
     classifier_reset: bool
     initialised: dict[str, int]
+    widened: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         init = ", ".join(f"{n} x{k}" for n, k in self.initialised.items()) or "none"
         return (f"loaded {self.loaded} pretrained tensors; {len(self.missing)} attention/classifier tensors start fresh"
-                f"{' (classifier reset: class counts differ)' if self.classifier_reset else ''}; attention initialised: {init}")
+                f"{' (classifier reset: class counts differ)' if self.classifier_reset else ''}; attention initialised: {init}"
+                f"{f'; {len(self.widened)} weights widened (extra inputs start at 0)' if self.widened else ''}")
 
 
 def resolve_source(source: Any) -> dict[str, Tensor]:
@@ -211,9 +216,17 @@ def load_pretrained(model: nn.Module, source: Any, *, attention_gamma: float = M
     classifier_reset = False
     fc_w = next((k for k in ("fc.weight", "head.fc.weight", "classifier.weight") if k in own), None)
     fc = fc_w[: -len("weight")] if fc_w else None  # "fc."
-    if fc_w and fc_w in src and src[fc_w].shape != own[fc_w].shape:
+    if fc_w and fc_w in src and src[fc_w].shape[0] != own[fc_w].shape[0]:
         src = {k: v for k, v in src.items() if not k.startswith(fc)}
         classifier_reset = True
+    widened = []
+    for k, extra in _extra_inputs(model).items():
+        if k in src and src[k].dim() >= 2 and src[k].shape[1] + extra == own[k].shape[1] \
+                and src[k].shape[:1] + src[k].shape[2:] == own[k].shape[:1] + own[k].shape[2:]:
+            wide = own[k].clone()
+            wide[:, : src[k].shape[1]] = src[k]  # the extra input channels: zeroed by init_attention
+            src[k] = wide
+            widened.append(k)
     unexpected = [k for k in src if k not in own]
     missing = [k for k in own if k not in src]
     shapes = [f"{k} {tuple(src[k].shape)} vs {tuple(own[k].shape)}" for k in own
@@ -231,23 +244,85 @@ def load_pretrained(model: nn.Module, source: Any, *, attention_gamma: float = M
         raise ValueError(f"pretrained weights do not fit {name}: {'; '.join(parts)}{_hint(not_attention, unexpected)}")
     model.load_state_dict(src, strict=False)
     initialised = init_attention(model, gamma=attention_gamma) if any(_ATTENTION.search(k) for k in missing) else {}
-    return PretrainedReport(len(src), missing, classifier_reset, initialised)
+    return PretrainedReport(len(src), missing, classifier_reset, initialised, widened)
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    from .resnet import BasicBlock, Bottleneck
+
+    return [m for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck))]
+
+
+def _branch_norm(block: nn.Module) -> nn.Module:
+    """The BN whose output a branch attention module gates (the block's last)."""
+    from .resnet import Bottleneck
+
+    return block.bn3 if isinstance(block, Bottleneck) else block.bn2
+
+
+def _extra_inputs(model: nn.Module) -> dict[str, int]:
+    """Weights whose trailing input channels carry attention state (RLA): state-dict key -> extra channels."""
+    from ..attention.context import attachment
+
+    names = {m: n for n, m in model.named_modules()}
+    out = {f"{names[b]}.conv1.weight": attachment(b.attn).input_chs
+           for b in _blocks(model) if b.attn is not None and attachment(b.attn).input_chs > 0}
+    final = getattr(model, "final", None)
+    if final is not None and getattr(final, "extra_chs", 0) > 0 and isinstance(getattr(model, "fc", None), nn.Linear):
+        out["fc.weight"] = final.extra_chs
+    return out
 
 
 @torch.no_grad()
 def init_attention(model: nn.Module, *, gamma: float = MRLA_B_GAMMA) -> dict[str, int]:
-    """Start every MRLA-family branch near zero: MRLA-B / ELA BN gamma = ``gamma``, MRLA-L / DLA-L gamma = 0.
+    """Give every attention module of a freshly loaded pretrained network its pretrained start (SPEC §7).
 
-    Branch-gating modules (SE, ECA, CBAM, BAM, GC, DIA, RLA) keep their own initialisation.
+    Each module owns its start: a module class defines ``init_pretrained_start() -> float | None``,
+    which sets its parameters so that, for every input, the module adds exactly 0 to what it sees, or
+    scales it by a constant, and returns that constant (1.0 when it adds 0; stage contexts return None).
+    A start with a free setting takes it as a keyword: MRLA-B / ELA take ``gamma``.
+    This function calls it on every module and then makes the network's function the pretrained one:
+
+    - a **branch gate** that scales by ``s`` (SE, ECA 0.5; CBAM, DIA 0.25; BAM 1.5) has its block's last
+      BN scaled by ``1 / s`` (gamma and beta), so the start is exact while the gate sits where the sigmoid
+      is steepest (0.5), rather than near 1 where its gradient vanishes. The price: the block's BN
+      affine is no longer the pretrained tensor (its product with the gate is), so weight decay on it
+      acts on a scaled value;
+    - **additive** branches start at exactly 0 with a zeroed last layer (GC) or, for MRLA-L / DLA-L,
+      a zero BN gamma, whose gradient is non-zero; RLA's extra input weights of the block's first conv
+      and of the classifier are zeroed (their gradients are non-zero once the state is);
+    - MRLA-B / ELA add ``ReLU(BN(o))``: a zero BN would pass no gradient, so their BN gamma is the small
+      ``gamma`` (beta 0): close to, not equal to, the pretrained network.
+
+    In every case each attention parameter has a non-zero gradient from the second step on. Apply it
+    once, right after loading: the BN rescaling is relative.
+
+    Returns:
+        The number of modules started, by class name.
     """
-    from ..attention import MRLABase, MRLALight
+    from ..attention.context import attachment
 
     done: dict[str, int] = {}
+    gains: dict[nn.Module, float] = {}
     for m in model.modules():
-        if isinstance(m, (MRLABase, MRLALight)):
-            m.bn.weight.fill_(gamma if isinstance(m, MRLABase) else 0.0)
-            m.bn.bias.zero_()
-            done[type(m).__name__] = done.get(type(m).__name__, 0) + 1
+        start = getattr(m, "init_pretrained_start", None)
+        if not callable(start):
+            continue
+        # a start with a free setting takes it by keyword (MRLA-B / ELA: the small BN gamma)
+        gain = start(gamma=gamma) if "gamma" in inspect.signature(start).parameters else start()
+        gains[m] = 1.0 if gain is None else float(gain)
+        done[type(m).__name__] = done.get(type(m).__name__, 0) + 1
+    for block in _blocks(model):
+        gain = gains.get(block.attn, 1.0) if block.attn is not None else 1.0
+        if gain != 1.0:
+            if attachment(block.attn).position != "branch":
+                raise ValueError(f"{type(block.attn).__name__}.init_pretrained_start returned a scale ({gain}) but the "
+                                 f"module maps the block output: only branch modules can start as a scale")
+            norm = _branch_norm(block)
+            norm.weight.div_(gain)
+            norm.bias.div_(gain)
+    for key, extra in _extra_inputs(model).items():
+        model.get_parameter(key)[:, -extra:].zero_()
     return done
 
 
