@@ -299,7 +299,7 @@ def run_benchmark(
     """
     if batch_size < 1 or steps < 1 or warmup < 0:
         raise ValueError(f"need batch_size >= 1, steps >= 1, warmup >= 0, got {batch_size}, {steps}, {warmup}")
-    keep_freed_memory()  # time steps as `elanet train` runs them (see elanet.runtime)
+    malloc_keeps_freed = keep_freed_memory()  # time steps as `elanet train` runs them (see elanet.runtime)
     device = torch.device(device)
     if amp not in ("none", "bf16", "fp16"):
         raise ValueError(f"amp must be none, bf16 or fp16, got {amp!r}")
@@ -385,7 +385,7 @@ def run_benchmark(
             "families": sorted(families), "memory_formats": [format_name(f) for f in formats], "amp": amp, "compile": compile,
             "optimizer": "SGD(lr=0.1, momentum=0.9, weight_decay=1e-4)",
             "memory": MEMORY_NOTE,
-            "malloc_keeps_freed": keep_freed_memory(),
+            "malloc_keeps_freed": malloc_keeps_freed,
         },
         "machine": {
             "platform": platform.platform(), "processor": platform.processor() or platform.machine(),

@@ -47,13 +47,7 @@ def run(args: argparse.Namespace) -> int:
     res = evaluate(model, data.test, amp=args.amp)
     mask = get_mask(model) if ela_blocks(model) else []
     res.update(model=ckpt["model_name"], dataset=dataset, epoch=ckpt.get("epoch"), active=sum(mask), ela_blocks=len(mask))
-    if args.json:
-        print(json.dumps(res))
-    else:
-        act = f" | ELA blocks active {sum(mask)}/{len(mask)}" if mask else ""
-        print(f"{ckpt['model_name']} (epoch {ckpt.get('epoch')}) on {dataset}: top-1 {res['top1']:.2f}% top-5 {res['top5']:.2f}% "
-              f"loss {res['loss']:.4f} over {res['n']} images{act}")
-    return 0
+    return _report(res, mask, f"{ckpt['model_name']} (epoch {ckpt.get('epoch')})", as_json=args.json)
 
 
 def _run_exported(args: argparse.Namespace) -> int:
@@ -72,10 +66,15 @@ def _run_exported(args: argparse.Namespace) -> int:
     mask = meta.get("mask") or []
     res.update(model=meta.get("model_name"), dataset=dataset, epoch=meta.get("epoch"), active=sum(mask), ela_blocks=len(mask),
                exported=str(args.checkpoint), params=meta.get("params"))
-    if args.json:
+    return _report(res, mask, f"{meta.get('model_name')} exported ({Path(args.checkpoint).name})", as_json=args.json)
+
+
+def _report(res: dict, mask: list[bool], what: str, *, as_json: bool) -> int:
+    """Print an evaluation as JSON or as one line: accuracy, loss, images and the active ELA blocks."""
+    if as_json:
         print(json.dumps(res))
     else:
         act = f" | ELA blocks active {sum(mask)}/{len(mask)}" if mask else ""
-        print(f"{meta.get('model_name')} exported ({Path(args.checkpoint).name}) on {dataset}: top-1 {res['top1']:.2f}% "
-              f"top-5 {res['top5']:.2f}% loss {res['loss']:.4f} over {res['n']} images{act}")
+        print(f"{what} on {res['dataset']}: top-1 {res['top1']:.2f}% top-5 {res['top5']:.2f}% "
+              f"loss {res['loss']:.4f} over {res['n']} images{act}")
     return 0
