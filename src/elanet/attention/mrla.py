@@ -12,7 +12,9 @@ from torch.autograd.function import once_differentiable
 from .aggregate import LayerMemory
 from .record import AttentionRecord
 
-__all__ = ["eca_kernel_size", "DropPath", "MRLABase", "MRLALight"]
+__all__ = ["eca_kernel_size", "DropPath", "MRLABase", "MRLALight", "PRETRAINED_GAMMA"]
+
+PRETRAINED_GAMMA = 1e-2  # SPEC §7: MRLA-B / ELA attention BN gamma after pretrained loading: small, so ReLU still passes gradient
 
 
 def eca_kernel_size(channels: int) -> int:
@@ -124,7 +126,7 @@ class MRLABase(_QKV):
         return self.drop_path.add(x, F.relu(self.bn(out), inplace=True))
 
     @torch.no_grad()
-    def init_pretrained_start(self, gamma: float = 1e-2) -> float:
+    def init_pretrained_start(self, gamma: float = PRETRAINED_GAMMA) -> float:
         """Start near the pretrained network (SPEC §7): BN gamma = ``gamma`` (small), beta = 0.
 
         The branch adds ``ReLU(BN(o))``; at gamma = 0 the ReLU would pass no gradient and the branch

@@ -24,10 +24,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..attention.mrla import PRETRAINED_GAMMA
+
 __all__ = ["load_pretrained", "PretrainedReport", "upgrade_state_dict", "resolve_source", "init_attention",
            "load_state_dict_checked", "MRLA_B_GAMMA"]
 
-MRLA_B_GAMMA = 1e-2  # SPEC §7: small, so the start is close to the pretrained net and ReLU still passes gradient
+MRLA_B_GAMMA = PRETRAINED_GAMMA  # SPEC §7: small, so the start is close to the pretrained net and ReLU still passes gradient
 _ATTENTION = re.compile(r"(^|\.)(attn|context)\.|^final\.")  # a block's attention, a stage context, the final module
 _SHOWN = 3  # mismatched keys named in an error
 
