@@ -22,6 +22,18 @@ def test_infer_target_is_the_issue_formula():
     assert [r["met"] for r in rows] == [True, False]
 
 
+def test_infer_target_takes_each_variant_at_its_faster_layout():
+    rows = [_row("plain", 0.100) | {"memory_format": "contiguous", "best_layout": False},
+            _row("plain", 0.080) | {"memory_format": "channels_last", "best_layout": True},
+            _row("MRLA-B", 0.150) | {"memory_format": "contiguous", "best_layout": True},
+            _row("MRLA-B", 0.160) | {"memory_format": "channels_last", "best_layout": False},
+            _row("ELA 100% exported", 0.083) | {"pruned_fraction": 1.0, "memory_format": "channels_last", "best_layout": True},
+            _row("ELA 100% exported", 0.101) | {"pruned_fraction": 1.0, "memory_format": "contiguous", "best_layout": False}]
+    (t,) = infer_targets(rows)  # 83 - 80 = 3 ms over plain's faster layout; limit 5 % of 80 = 4 ms
+    assert t["memory_format"] == "channels_last" and t["overhead_s"] == pytest.approx(0.003)
+    assert t["limit_s"] == pytest.approx(0.004) and t["met"]
+
+
 def test_bench_infer_command(tmp_path, capsys):
     out = tmp_path / "infer.json"
     argv = ["bench", "--mode", "infer", "--depths", "20", "--batch-sizes", "1", "3", "--steps", "1", "--warmup", "0",
@@ -31,8 +43,12 @@ def test_bench_infer_command(tmp_path, capsys):
     assert report["schema"] == "elanet-bench-infer/1" and report["command"].startswith("elanet bench --mode infer")
     res = report["results"]
     labels = ["plain", "MRLA-B", "ELA 0% exported", "ELA 50% exported", "ELA 100% exported"]
-    assert [r["variant"] for r in res] == labels * 2 and [r["batch_size"] for r in res] == [1] * 5 + [3] * 5
-    params = {r["variant"]: r["mparams"] for r in res[:5]}
+    per_batch = [v for v in labels for _ in ("contiguous", "channels_last")]
+    assert [r["variant"] for r in res] == per_batch * 2 and [r["batch_size"] for r in res] == [1] * 10 + [3] * 10
+    assert [r["memory_format"] for r in res[:2]] == ["contiguous", "channels_last"]
+    for b in (1, 3):  # exactly one faster layout per variant and batch size
+        assert sum(r["best_layout"] for r in res if r["batch_size"] == b) == 5
+    params = {r["variant"]: r["mparams"] for r in res[:10]}
     # pruning removes attention parameters from the exported model; unpruned ELA is MRLA-B's size
     assert params["plain"] < params["ELA 100% exported"] < params["ELA 50% exported"] < params["ELA 0% exported"] == params["MRLA-B"]
     assert len(report["targets"]) == 6 and all(isinstance(t["met"], bool) for t in report["targets"])

@@ -8,6 +8,7 @@ the MACs of one forward pass, and which layout was faster. ``elanet bench`` is t
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -479,8 +480,10 @@ def _infer_model(v: Variant, *, num_classes: int, device: torch.device, seed: in
 def infer_targets(results: list[dict]) -> list[dict]:
     """Issue target per exported ELA entry: overhead <= (1 - f) * overhead(MRLA-B) + 5 % of plain.
 
-    Overheads are median forward times minus plain's at the same depth and batch size.
+    Overheads are median forward times minus plain's at the same depth and batch size, every variant
+    at its faster layout (entries without ``best_layout`` count as their variant's only layout).
     """
+    results = [r for r in results if r.get("best_layout", True)]
     rows = []
     for r in results:
         if r["pruned_fraction"] is None:
@@ -491,6 +494,7 @@ def infer_targets(results: list[dict]) -> list[dict]:
         f = r["pruned_fraction"]
         limit = (1 - f) * (base - plain) + 0.05 * plain
         rows.append({"depth": r["depth"], "batch_size": r["batch_size"], "variant": r["variant"], "pruned_fraction": f,
+                     "memory_format": r.get("memory_format", "contiguous"),
                      "overhead_s": r["median_s"] - plain, "limit_s": limit, "met": r["median_s"] - plain <= limit})
     return rows
 
@@ -505,12 +509,15 @@ def run_infer_benchmark(
     image_size: int | None = None,
     seed: int = 0,
     compile: bool = False,
+    memory_formats: Sequence[str] = LAYOUTS,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Time eval-mode forward passes of every variant at every batch size, interleaved.
+    """Time eval-mode forward passes of every variant at every batch size and layout, interleaved.
 
     A timed sample runs ``max(1, 64 // batch)`` forwards (so batch 1 is not all timer noise) and
-    records the time per forward. Rounds shuffle the variants as in :func:`run_benchmark`.
+    records the time per forward. Rounds shuffle the variants as in :func:`run_benchmark`. Each
+    entry's ``best_layout`` marks the faster layout of its variant at its batch size; the targets
+    compare every variant at its faster layout, as the training benchmark does.
     """
     if steps < 1 or warmup < 0 or not batch_sizes or min(batch_sizes) < 1:
         raise ValueError(f"need steps >= 1, warmup >= 0 and batch sizes >= 1, got {steps}, {warmup}, {list(batch_sizes)}")
@@ -519,14 +526,22 @@ def run_infer_benchmark(
         raise ValueError("--device cuda but CUDA is not available: use --device cpu")
     if compile:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(variants) * len(batch_sizes))
-    models, sizes = [], []
-    for v in variants:
+    formats = list(dict.fromkeys(resolve_memory_format(f, device) for f in memory_formats))
+    if not formats:
+        raise ValueError("memory_formats is empty: pass contiguous, channels_last or auto")
+    models, sizes, cases = [], [], []  # cases: (variant index, layout) per model
+    for k, v in enumerate(variants):
         info = model_info(v.model)
-        sizes.append((3, image_size, image_size) if image_size else info["input_size"])
-        models.append(_infer_model(v, num_classes=info["num_classes"], device=device, seed=seed, compile=compile))
-    jobs = [(i, b) for b in batch_sizes for i in range(len(variants))]
+        model = _infer_model(v, num_classes=info["num_classes"], device=device, seed=seed, compile=False)
+        for fmt in formats:
+            m = copy.deepcopy(model).to(memory_format=fmt)
+            models.append(torch.compile(m) if compile else m)
+            sizes.append((3, image_size, image_size) if image_size else info["input_size"])
+            cases.append((k, fmt))
+    jobs = [(i, b) for b in batch_sizes for i in range(len(models))]
     g = torch.Generator().manual_seed(seed)
-    inputs = {(b, s): torch.randn(b, *s, generator=g).to(device) for b in batch_sizes for s in set(sizes)}
+    base = {(b, s): torch.randn(b, *s, generator=g) for b in batch_sizes for s in set(sizes)}
+    inputs = {(b, s, f): x.to(device).contiguous(memory_format=f) for (b, s), x in base.items() for f in formats}
     times: dict[tuple[int, int], list[float]] = {j: [] for j in jobs}
     rng = random.Random(seed)
     load = [os.getloadavg()[0]] if hasattr(os, "getloadavg") else []
@@ -535,7 +550,7 @@ def run_infer_benchmark(
         for r in range(warmup + steps):
             rng.shuffle(jobs)
             for i, b in jobs:
-                x, reps = inputs[(b, sizes[i])], max(1, 64 // b)
+                x, reps = inputs[(b, sizes[i], cases[i][1])], max(1, 64 // b)
                 t = time.perf_counter()
                 for _ in range(reps):
                     models[i](x)
@@ -549,17 +564,22 @@ def run_infer_benchmark(
                 log(f"round {r + 1}/{warmup + steps} ({'warm-up' if r < warmup else 'timed'}) done after {time.perf_counter() - start:.0f} s")
     results = []
     for b in batch_sizes:
-        for i, v in enumerate(variants):
+        for i, (k, fmt) in enumerate(cases):
+            v = variants[k]
             prof = profile(getattr(models[i], "_orig_mod", models[i]), sizes[i])
             ts = times[(i, b)]
             results.append({"model": v.model, "depth": v.depth, "variant": v.label, "pruned_fraction": v.pruned_fraction,
-                            "batch_size": b, "median_s": statistics.median(ts), "min_s": min(ts), "times_s": ts,
-                            "gmacs": prof.gmacs, "mparams": prof.mparams})
+                            "batch_size": b, "memory_format": format_name(fmt), "median_s": statistics.median(ts),
+                            "min_s": min(ts), "times_s": ts, "gmacs": prof.gmacs, "mparams": prof.mparams})
+    for r in results:  # the faster layout of each variant at each batch size
+        same = [o for o in results if (o["model"], o["variant"], o["batch_size"]) == (r["model"], r["variant"], r["batch_size"])]
+        r["best_layout"] = r is min(same, key=lambda o: o["median_s"])
     return {
         "schema": INFER_SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "settings": {"batch_sizes": list(batch_sizes), "steps": steps, "warmup": warmup, "device": str(device),
                      "threads": torch.get_num_threads(), "image_size": image_size, "seed": seed, "compile": compile,
+                     "memory_formats": [format_name(f) for f in formats],
                      "what": "eval-mode forward under torch.inference_mode; exported ELA = the model with pruned "
                              "attention removed and attention BN folded into the value conv "
                              "(elanet.export.inference_model), as elanet export writes it"},
@@ -574,14 +594,18 @@ def run_infer_benchmark(
 
 def format_infer_table(report: dict[str, Any]) -> str:
     """Median forward time per batch, ratio to plain, overhead and the issue target per ELA row."""
-    res, targets = report["results"], {(t["depth"], t["batch_size"], t["variant"]): t for t in report["targets"]}
-    head = f"{'model':<16} {'variant':<18} {'batch':>5} {'fwd ms':>9} {'xplain':>6} {'+ms':>8} {'limit ms':>9} {'target':>6} {'GMACs':>7} {'Mparams':>7}"
+    res = report["results"]
+    targets = {(t["depth"], t["batch_size"], t["variant"], t.get("memory_format", "contiguous")): t for t in report["targets"]}
+    head = (f"{'model':<16} {'variant':<18} {'layout':<6} {'batch':>5} {'fwd ms':>9} {'xplain':>6} {'+ms':>8} {'limit ms':>9} "
+            f"{'target':>6} {'GMACs':>7} {'Mparams':>7}")
     lines = [head, "-" * len(head)]
     for r in res:
-        plain = next(o for o in res if o["depth"] == r["depth"] and o["batch_size"] == r["batch_size"] and o["variant"] == "plain")
-        t = targets.get((r["depth"], r["batch_size"], r["variant"]))
+        plain = next((o for o in res if o["depth"] == r["depth"] and o["batch_size"] == r["batch_size"] and o["variant"] == "plain"
+                      and o.get("best_layout", True)))
+        t = targets.get((r["depth"], r["batch_size"], r["variant"], r.get("memory_format", "contiguous"))) if r.get("best_layout", True) else None
         limit, met = (f"{1e3 * t['limit_s']:.2f}", "met" if t["met"] else "MISSED") if t else ("-", "-")
-        lines.append(f"{r['model']:<16} {r['variant']:<18} {r['batch_size']:>5} {1e3 * r['median_s']:>9.2f} "
+        layout = ("NHWC" if r.get("memory_format") == "channels_last" else "NCHW") + ("*" if r.get("best_layout") else "")
+        lines.append(f"{r['model']:<16} {r['variant']:<18} {layout:<6} {r['batch_size']:>5} {1e3 * r['median_s']:>9.2f} "
                      f"{r['median_s'] / plain['median_s']:>6.2f} {1e3 * (r['median_s'] - plain['median_s']):>+8.2f} "
                      f"{limit:>9} {met:>6} {r['gmacs']:>7.4f} {r['mparams']:>7.3f}")
     return "\n".join(lines)

@@ -146,7 +146,8 @@ def _run_infer(args: argparse.Namespace, log) -> int:
     if log:
         log(f"benchmarking the forward of {len(variants)} variants at batch {args.batch_sizes} on {args.device} ({args.threads} threads)")
     report = run_infer_benchmark(variants, batch_sizes=args.batch_sizes, steps=args.steps, warmup=args.warmup, device=args.device,
-                                 image_size=args.image_size, seed=args.seed, compile=args.compile, log=log)
+                                 image_size=args.image_size, seed=args.seed, compile=args.compile, log=log,
+                                 memory_formats=LAYOUTS if args.memory_format == "both" else (args.memory_format,))
     report["command"] = _command(args)
     print(format_infer_table(report))
     print(f"saved {save_json(report, args.out)}")
