@@ -144,3 +144,23 @@ def test_head_sizes_build_torchvision_heads_of_those_widths() -> None:
         create_detector("mask_rcnn", backbone="resnet18", num_classes=K, mask_head_convs=0)
     with pytest.raises(ValueError, match="multiple of 32"):
         create_detector("mask_rcnn", backbone="resnet18", num_classes=K, norm="gn", fpn_channels=48)
+
+
+def test_anchor_sizes_set_the_rpn_anchors_per_fpn_level() -> None:
+    """One anchor size per FPN level P2-P6, three aspect ratios each: the anchors' areas are the sizes squared."""
+    from elanet.detect.config import DetectConfig
+
+    m = create_detector("faster_rcnn", backbone="resnet18", num_classes=3, fpn_channels=32, anchor_sizes=(16, 32, 64, 128, 256))
+    gen = m.rpn.anchor_generator
+    assert gen.sizes == ((16,), (32,), (64,), (128,), (256,)) and gen.num_anchors_per_location() == [3] * 5
+    base = gen.cell_anchors[0] if gen.cell_anchors else gen.generate_anchors((16,), (0.5, 1.0, 2.0))
+    wh = base[:, 2:] - base[:, :2]
+    assert torch.allclose(wh.prod(1), torch.full((3,), 256.0), rtol=0.05)  # 16^2 px at ratios 0.5, 1, 2 (torchvision rounds the corners)
+    assert create_detector("faster_rcnn", backbone="resnet18", num_classes=3).rpn.anchor_generator.sizes == \
+        ((32,), (64,), (128,), (256,), (512,))  # torchvision's default
+    with pytest.raises(ValueError, match="one positive size for each FPN level"):
+        create_detector("faster_rcnn", backbone="resnet18", num_classes=3, anchor_sizes=(16, 32))
+    with pytest.raises(ValueError, match="anchor_sizes needs 5"):
+        DetectConfig(anchor_sizes=[8, 16, 32]).validate()
+    with pytest.raises(ValueError, match="optimizer must be sgd or adamw"):
+        DetectConfig(optimizer="adam").validate()

@@ -1,12 +1,12 @@
 """Detection run settings: presets (the embedded synthetic job, the paper's COCO recipe), YAML files, flags."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..training.config import RunConfig, config_from_dict, load_yaml
-from .detectors import DETECTORS
+from .detectors import ANCHOR_SIZES, DETECTORS
 
 __all__ = ["DetectConfig", "DETECT_PRESETS", "resolve_detect_config"]
 
@@ -33,6 +33,7 @@ class DetectConfig(RunConfig):
     warmup_iters: int = 500
     warmup_ratio: float = 0.001
     grad_clip: float = 0.0
+    optimizer: str = "sgd"  # sgd (momentum, weight_decay) | adamw (betas 0.9 / 0.999, decoupled weight_decay)
     pretrained: str | None = None  # an elanet classification checkpoint (file or run folder) for the backbone
     keep_mask: bool = False  # start from the pretrained checkpoint's ELA mask instead of all blocks active
     frozen_stages: int | None = None  # default: 1 with --pretrained (stem + layer1), -1 from scratch
@@ -43,6 +44,7 @@ class DetectConfig(RunConfig):
     box_head_dim: int = 1024  # width of the box head's two fully connected layers (1024)
     mask_head_channels: int = 256  # width of the mask head's convs (256) ...
     mask_head_convs: int = 4  # ... and their number (4)
+    anchor_sizes: list[int] = field(default_factory=lambda: list(ANCHOR_SIZES))  # RPN anchor size on each FPN level P2-P6 (torchvision's: 32 ... 512)
     rpn_post_nms_top_n_train: int = 2000
     box_batch_size_per_image: int = 512
     box_positive_fraction: float = 0.25
@@ -67,10 +69,15 @@ class DetectConfig(RunConfig):
                   "fpn_channels", "box_head_dim", "mask_head_channels", "mask_head_convs"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if len(self.anchor_sizes) != 5 or any(a < 1 for a in self.anchor_sizes):
+            raise ValueError(f"anchor_sizes needs 5 positive integers, one per FPN level P2-P6 (e.g. [32, 64, 128, 256, 512]), "
+                             f"got {list(self.anchor_sizes)}")
         if self.min_size > self.max_size:
             raise ValueError(f"min_size ({self.min_size}) must not exceed max_size ({self.max_size})")
         if self.warmup_iters < 0 or not 0 < self.warmup_ratio <= 1 or self.grad_clip < 0:
             raise ValueError("warmup_iters and grad_clip must be >= 0 and warmup_ratio in (0, 1]")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be sgd or adamw, got {self.optimizer!r}")
         if not 0 < self.box_positive_fraction <= 1:
             raise ValueError(f"box_positive_fraction must be in (0, 1], got {self.box_positive_fraction}")
         if self.frozen_stages is not None and not -1 <= self.frozen_stages <= 4:

@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
@@ -26,6 +27,7 @@ __all__ = ["DETECTORS", "GroupNorm32", "ELABackboneWithFPN", "create_detector", 
            "freeze_stages", "detector_params"]
 
 DETECTORS = ("faster_rcnn", "mask_rcnn")
+ANCHOR_SIZES = (32, 64, 128, 256, 512)  # torchvision's and MMDetection's: one size per FPN level P2-P6
 _STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 
@@ -96,6 +98,7 @@ def create_detector(
     box_head_dim: int = 1024,
     mask_head_channels: int = 256,
     mask_head_convs: int = 4,
+    anchor_sizes: tuple[int, ...] = ANCHOR_SIZES,
     **kwargs: Any,
 ) -> GeneralizedRCNN:
     """Build a Faster R-CNN or Mask R-CNN with an FPN (P2-P6) on ``backbone``'s layer1-4.
@@ -124,6 +127,8 @@ def create_detector(
         box_head_dim: width of the box head's two fully connected layers.
         mask_head_channels: width of the mask head's convs and of its deconvolution.
         mask_head_convs: number of 3x3 convs in the mask head.
+        anchor_sizes: the RPN's anchor size (square root of its area, in input pixels) on each of the
+            five FPN levels P2-P6, each with aspect ratios 0.5, 1 and 2.
         **kwargs: passed on to torchvision's ``FasterRCNN`` / ``MaskRCNN`` (e.g. ``box_batch_size_per_image``).
     """
     if kind not in DETECTORS:
@@ -140,6 +145,8 @@ def create_detector(
                     ("mask_head_channels", mask_head_channels), ("mask_head_convs", mask_head_convs)):
         if v < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
+    if len(anchor_sizes) != 5 or any(a <= 0 for a in anchor_sizes):
+        raise ValueError(f"anchor_sizes needs one positive size for each FPN level P2-P6 (5 values), got {list(anchor_sizes)}")
     if norm == "gn" and fpn_channels % 32:
         raise ValueError(f"GroupNorm uses 32 groups: fpn_channels must be a multiple of 32 with norm='gn', got {fpn_channels}")
     frozen_stages = (1 if pretrained else -1) if frozen_stages is None else frozen_stages
@@ -159,7 +166,8 @@ def create_detector(
         heads["mask_head"] = MaskRCNNHeads(fpn_channels, [mask_head_channels] * mask_head_convs, 1)
         heads["mask_predictor"] = MaskRCNNPredictor(mask_head_channels, mask_head_channels, num_classes)
     build = MaskRCNN if kind == "mask_rcnn" else FasterRCNN
-    model = build(fpn, min_size=min_size, max_size=max_size, **heads, **kwargs)
+    anchors = AnchorGenerator(tuple((int(a),) for a in anchor_sizes), ((0.5, 1.0, 2.0),) * len(anchor_sizes))
+    model = build(fpn, min_size=min_size, max_size=max_size, rpn_anchor_generator=anchors, **heads, **kwargs)
     model.backbone_name = backbone  # type: ignore[assignment]
     model.kind = kind  # type: ignore[assignment]
     return model

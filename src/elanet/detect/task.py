@@ -59,7 +59,8 @@ def load_backbone(model: nn.Module, source: str | os.PathLike, *, backbone: str,
 
 def head_sizes(cfg: DetectConfig) -> dict[str, int]:
     """The :func:`create_detector` head-size arguments of a run (saved in its checkpoints to rebuild it)."""
-    return {k: getattr(cfg, k) for k in ("fpn_channels", "box_head_dim", "mask_head_channels", "mask_head_convs")}
+    sizes = {k: getattr(cfg, k) for k in ("fpn_channels", "box_head_dim", "mask_head_channels", "mask_head_convs")}
+    return {**sizes, "anchor_sizes": [int(a) for a in cfg.anchor_sizes]}
 
 
 def _clip(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any, *, max_norm: float) -> None:
@@ -109,7 +110,10 @@ class Detection:
             load_backbone(model, cfg.pretrained, backbone=cfg.model, keep_mask=cfg.keep_mask, frozen_stages=frozen)
         model.to(ctx.device)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         if cfg.grad_clip > 0:  # clip just before each step (after GradScaler has unscaled the gradients)
             optimizer.register_step_pre_hook(partial(_clip, max_norm=cfg.grad_clip))
         self.train_loader = DetectionLoader(train, cfg.batch_size, train=True, rank=info.rank, world_size=info.world_size,
