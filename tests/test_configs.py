@@ -49,3 +49,19 @@ def test_a_config_runs_with_elanet_train(tmp_path):
     assert main(argv) == 0
     assert (run / "last.pt").is_file()
     assert main(["eval", str(run / "last.pt"), "--json", "--device", "cpu"]) == 0
+
+
+def test_cosine_schedule_by_hand():
+    """schedule: cosine -- after a 2-epoch linear warm-up, lr (1 + cos(pi t)) / 2 with t the done fraction of
+    the remaining 8 epochs; the step schedule is unchanged; an unknown name is refused."""
+    import math
+
+    cfg = resolve_config(overrides={"schedule": "cosine", "epochs": 10, "warmup_epochs": 2, "lr": 0.1, "windows": [[1, 2]]})
+    assert cfg.lr_at(1, 0.5) == pytest.approx(0.025)  # warm-up: 0.1 * 0.5 / 2
+    assert cfg.lr_at(3) == pytest.approx(0.1)
+    assert cfg.lr_at(5) == pytest.approx(0.05 * (1 + math.cos(math.pi * 2 / 8)))
+    assert cfg.lr_at(7) == pytest.approx(0.05) and cfg.lr_at(10, 1.0) == pytest.approx(0.0)
+    step = resolve_config(overrides={"epochs": 10, "warmup_epochs": 0, "lr": 0.1, "milestones": [5], "windows": [[1, 2]]})
+    assert (step.lr_at(5), step.lr_at(6)) == (pytest.approx(0.1), pytest.approx(0.01))
+    with pytest.raises(ValueError, match="schedule must be step or cosine"):
+        resolve_config(overrides={"schedule": "linear"})

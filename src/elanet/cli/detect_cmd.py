@@ -64,6 +64,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-iters", type=int, help="linear warm-up steps (MMDetection: 500)")
     g.add_argument("--milestones", type=_ints, help="epochs after which lr is multiplied by --lr-decay, e.g. 8,11")
     g.add_argument("--lr-decay", type=float)
+    g.add_argument("--schedule", choices=["step", "cosine"], help="step: x --lr-decay after each milestone; cosine: to 0 over the run")
     g.add_argument("--grad-clip", type=float, help="clip the gradient norm to this (0: off)")
     g.add_argument("--min-size", type=int, help="shorter image side after resizing (ratio kept)")
     g.add_argument("--max-size", type=int, help="longest image side after resizing")

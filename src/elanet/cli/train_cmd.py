@@ -66,6 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-epochs", type=int)
     g.add_argument("--milestones", type=_ints, help="epochs after which lr is multiplied by --lr-decay, e.g. 100,150")
     g.add_argument("--lr-decay", type=float)
+    g.add_argument("--schedule", choices=["step", "cosine"], help="step: x --lr-decay after each milestone; cosine: to 0 over the run")
     g.add_argument("--drop-path", type=float, help="DropPath rate on the attention branch (paper: 0.2)")
     g.add_argument("--label-smoothing", type=float)
     g = p.add_argument_group("ELA pruning (SPEC §3)")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -84,6 +85,7 @@ class RunConfig:
     warmup_epochs: int = 2
     milestones: list[int] = field(default_factory=lambda: [20, 26])
     lr_decay: float = 0.1
+    schedule: str = "step"  # step: x lr_decay after each milestone | cosine: half a cosine from lr to 0 over the run
     # ELA pruning (SPEC §3): windows are 1-based inclusive epoch ranges; empty disables pruning
     windows: list[list[int]] = field(default_factory=lambda: [[1, 2], [10, 11]])
     gamma: float = 0.5
@@ -123,6 +125,8 @@ class RunConfig:
             raise ValueError("weight_decay and warmup_epochs must be >= 0")
         if not 0 < self.lr_decay <= 1:
             raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
+        if self.schedule not in ("step", "cosine"):
+            raise ValueError(f"schedule must be step or cosine, got {self.schedule!r}")
         if any(m < 1 for m in self.milestones) or sorted(self.milestones) != list(self.milestones):
             raise ValueError(f"milestones {self.milestones} must be increasing epochs >= 1 (lr decays after each)")
         check_ebqm_args(gamma=self.gamma, alpha=self.alpha, beta=self.beta, tau=self.tau)
@@ -158,10 +162,15 @@ class RunConfig:
 
     def lr_at(self, epoch: int, frac: float = 0.0, *, iteration: int = 0) -> float:
         """Learning rate during 1-based ``epoch`` with ``frac`` of it done (``iteration``: optimiser steps
-        before this one): linear warm-up over ``warmup_epochs``, then x ``lr_decay`` per milestone passed.
-        A task's config overrides this for another schedule (detection warms up over iterations)."""
+        before this one): linear warm-up over ``warmup_epochs``, then x ``lr_decay`` per milestone passed
+        (``schedule: step``) or ``lr * (1 + cos(pi * t)) / 2`` with ``t`` the fraction of the epochs after
+        the warm-up that is done (``schedule: cosine``). A task's config adds to this (detection warms up
+        over iterations)."""
         if epoch <= self.warmup_epochs:
             return self.lr * (epoch - 1 + frac) / self.warmup_epochs if self.warmup_epochs else self.lr
+        if self.schedule == "cosine":
+            t = (epoch - 1 + frac - self.warmup_epochs) / max(self.epochs - self.warmup_epochs, 1)
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
         return self.lr * self.lr_decay ** sum(epoch > m for m in self.milestones)
 
 
