@@ -160,6 +160,13 @@ def test_anchor_sizes_set_the_rpn_anchors_per_fpn_level() -> None:
         ((32,), (64,), (128,), (256,), (512,))  # torchvision's default
     with pytest.raises(ValueError, match="one positive size for each FPN level"):
         create_detector("faster_rcnn", backbone="resnet18", num_classes=3, anchor_sizes=(16, 32))
+    # roi_canonical_scale: a box of size s reads level floor(4 + log2(s / scale)), clamped to P2-P5
+    for scale, level in ((224, 0), (48, 1), (24, 2)):  # a 30x30 box: P2 by default, P3 at 48, P4 at 24
+        m = create_detector("mask_rcnn", backbone="resnet18", num_classes=3, fpn_channels=32, roi_canonical_scale=scale)
+        for pool in (m.roi_heads.box_roi_pool, m.roi_heads.mask_roi_pool):
+            feats = {str(i): torch.zeros(1, 32, 64 >> i, 64 >> i) for i in range(4)}
+            pool(feats, [torch.tensor([[10.0, 10.0, 40.0, 40.0]])], [(256, 256)])  # sets up the level mapper
+            assert pool.map_levels([torch.tensor([[10.0, 10.0, 40.0, 40.0]])]).item() == level
     with pytest.raises(ValueError, match="anchor_sizes needs 5"):
         DetectConfig(anchor_sizes=[8, 16, 32]).validate()
     with pytest.raises(ValueError, match="optimizer must be sgd or adamw"):

@@ -44,6 +44,7 @@ class DetectConfig(RunConfig):
     box_head_dim: int = 1024  # width of the box head's two fully connected layers (1024)
     mask_head_channels: int = 256  # width of the mask head's convs (256) ...
     mask_head_convs: int = 4  # ... and their number (4)
+    roi_canonical_scale: int = 224  # box size whose RoI features come from P4 (FPN eq. 1); smaller: small boxes read deeper levels
     anchor_sizes: list[int] = field(default_factory=lambda: list(ANCHOR_SIZES))  # RPN anchor size on each FPN level P2-P6 (torchvision's: 32 ... 512)
     rpn_post_nms_top_n_train: int = 2000
     box_batch_size_per_image: int = 512
@@ -66,7 +67,7 @@ class DetectConfig(RunConfig):
             raise ValueError(f"{self.model} is a CIFAR classification model and cannot be a detection backbone: pass an "
                              f"ImageNet backbone such as --model resnet50_ela (`elanet models --detectors` lists them)")
         for k in ("batch_size", "min_size", "max_size", "rpn_post_nms_top_n_train", "box_batch_size_per_image",
-                  "fpn_channels", "box_head_dim", "mask_head_channels", "mask_head_convs"):
+                  "fpn_channels", "box_head_dim", "mask_head_channels", "mask_head_convs", "roi_canonical_scale"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
         if len(self.anchor_sizes) != 5 or any(a < 1 for a in self.anchor_sizes):

@@ -19,6 +19,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ..models import create_model, list_models, model_info
@@ -99,6 +100,7 @@ def create_detector(
     mask_head_channels: int = 256,
     mask_head_convs: int = 4,
     anchor_sizes: tuple[int, ...] = ANCHOR_SIZES,
+    roi_canonical_scale: int = 224,
     **kwargs: Any,
 ) -> GeneralizedRCNN:
     """Build a Faster R-CNN or Mask R-CNN with an FPN (P2-P6) on ``backbone``'s layer1-4.
@@ -129,6 +131,9 @@ def create_detector(
         mask_head_convs: number of 3x3 convs in the mask head.
         anchor_sizes: the RPN's anchor size (square root of its area, in input pixels) on each of the
             five FPN levels P2-P6, each with aspect ratios 0.5, 1 and 2.
+        roi_canonical_scale: box size (input pixels) whose RoI features come from P4; a box of size s
+            reads level ``floor(4 + log2(s / roi_canonical_scale))``, clamped to P2-P5 (FPN paper eq. 1;
+            torchvision's and MMDetection's 224). Smaller values send small boxes to deeper levels.
         **kwargs: passed on to torchvision's ``FasterRCNN`` / ``MaskRCNN`` (e.g. ``box_batch_size_per_image``).
     """
     if kind not in DETECTORS:
@@ -145,6 +150,8 @@ def create_detector(
                     ("mask_head_channels", mask_head_channels), ("mask_head_convs", mask_head_convs)):
         if v < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
+    if roi_canonical_scale < 1:
+        raise ValueError(f"roi_canonical_scale must be >= 1, got {roi_canonical_scale}")
     if len(anchor_sizes) != 5 or any(a <= 0 for a in anchor_sizes):
         raise ValueError(f"anchor_sizes needs one positive size for each FPN level P2-P6 (5 values), got {list(anchor_sizes)}")
     if norm == "gn" and fpn_channels % 32:
@@ -167,6 +174,10 @@ def create_detector(
         heads["mask_predictor"] = MaskRCNNPredictor(mask_head_channels, mask_head_channels, num_classes)
     build = MaskRCNN if kind == "mask_rcnn" else FasterRCNN
     anchors = AnchorGenerator(tuple((int(a),) for a in anchor_sizes), ((0.5, 1.0, 2.0),) * len(anchor_sizes))
+    levels = ["0", "1", "2", "3"]  # P2-P5 (P6 only feeds the RPN)
+    heads["box_roi_pool"] = MultiScaleRoIAlign(levels, 7, 2, canonical_scale=roi_canonical_scale)
+    if kind == "mask_rcnn":
+        heads["mask_roi_pool"] = MultiScaleRoIAlign(levels, 14, 2, canonical_scale=roi_canonical_scale)
     model = build(fpn, min_size=min_size, max_size=max_size, rpn_anchor_generator=anchors, **heads, **kwargs)
     model.backbone_name = backbone  # type: ignore[assignment]
     model.kind = kind  # type: ignore[assignment]
