@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("pycocotools")
 
 from elanet.cli import main  # noqa: E402
-from elanet.detect.config import resolve_detect_config  # noqa: E402
+from elanet.detect.config import DETECT_PRESETS, resolve_detect_config  # noqa: E402
 from elanet.detect.detectors import create_detector  # noqa: E402
 from elanet.detect.task import load_backbone, train_detector  # noqa: E402
 from elanet.models import create_model  # noqa: E402
@@ -41,7 +41,8 @@ def tiny_cfg(data: Path, out: Path, **kw):
     """Mask R-CNN, ELA ResNet-50 from scratch at 64 px: 3 steps per epoch, KL in epoch 1, decided at its end."""
     over = dict(data_dir=str(data), preset="synthetic", model="resnet50_ela", out=str(out), epochs=2, batch_size=1, min_size=64, max_size=64,
                 windows=[[1, 1]], warmup_iters=2, milestones=[], lr=0.01, rpn_post_nms_top_n_train=50,
-                box_batch_size_per_image=16, predictions=1, plots=False, tensorboard=False, threads=1, workers=0)
+                box_batch_size_per_image=16, predictions=1, plots=False, tensorboard=False, threads=1, workers=0,
+                flip=True, fpn_channels=64, box_head_dim=256)  # flips too, so resume must replay them
     return resolve_detect_config(overrides={**over, **kw})
 
 
@@ -179,5 +180,6 @@ def test_detect_bench_times_every_variant(tmp_path, monkeypatch, capsys) -> None
     assert rows["ELA 0%"]["active_ela_blocks"] == 16 and rows["ELA 100%"]["pruned_fraction"] == 1.0
     assert rows["ELA 100%"]["active_ela_blocks"] == 4  # only the first block of each stage stays (SPEC §3)
     assert rows["plain"]["active_ela_blocks"] is None
-    assert report["settings"]["heads"]["fpn_channels"] == 64 and report["settings"]["image_size"] == 64
+    assert report["settings"]["heads"]["fpn_channels"] == DETECT_PRESETS["synthetic"]["fpn_channels"]
+    assert report["settings"]["image_size"] == 64
     assert "elanet bench --task detect" in report["command"]

@@ -47,6 +47,7 @@ class DetectConfig(RunConfig):
     roi_canonical_scale: int = 224  # box size whose RoI features come from P4 (FPN eq. 1); smaller: small boxes read deeper levels
     anchor_sizes: list[int] = field(default_factory=lambda: list(ANCHOR_SIZES))  # RPN anchor size on each FPN level P2-P6 (torchvision's: 32 ... 512)
     rpn_post_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_test: int = 1000  # proposals per image kept for the box head at evaluation (torchvision's 1000)
     box_batch_size_per_image: int = 512
     box_positive_fraction: float = 0.25
     predictions: int = 8  # validation images drawn into predictions/ at the end
@@ -66,7 +67,7 @@ class DetectConfig(RunConfig):
         if model_info(self.model)["family"] != "imagenet":  # unknown names raise with close matches
             raise ValueError(f"{self.model} is a CIFAR classification model and cannot be a detection backbone: pass an "
                              f"ImageNet backbone such as --model resnet50_ela (`elanet models --detectors` lists them)")
-        for k in ("batch_size", "min_size", "max_size", "rpn_post_nms_top_n_train", "box_batch_size_per_image",
+        for k in ("batch_size", "min_size", "max_size", "rpn_post_nms_top_n_train", "rpn_post_nms_top_n_test", "box_batch_size_per_image",
                   "fpn_channels", "box_head_dim", "mask_head_channels", "mask_head_convs", "roi_canonical_scale"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
@@ -113,16 +114,18 @@ _COCO_PRUNING = dict(windows=[[1, 1], [7, 7]], alpha=2.0, beta=5.0, tau=0.2)  # 
 DETECT_PRESETS: dict[str, dict[str, Any]] = {
     # The embedded default: Mask R-CNN, ELA ResNet-18 from scratch, on the synthetic digits (128x128): 400 steps
     # of batch 4 (2 epochs of 800 images), KL measured in epoch 1. Without the warm-up and the gradient
-    # clipping it diverges in the first iterations. Light heads (64-channel FPN/RPN, 256-d box head, two 64-channel
-    # mask convs) instead of torchvision's 256/1024/4x256: at 128 px those heads cost 3.5x the step of the whole
-    # light detector. 128 sampled RoIs per image: with 32 the box classifier barely learned in 400 steps (box
-    # AP 2.2), with 512 a step cost ~5x more once the RPN found the objects (the mask head runs on every positive).
-    # Not yet shown to meet the 8-minute / AP 40 / 35 targets: see benchmarks/RESULTS.md.
+    # clipping it diverges in the first iterations (and at lr 0.04 it collapses to AP 0). No flip: a mirrored
+    # digit is another glyph, and the job's AP is limited by telling the digits apart (box AP 11.0 -> 18.4
+    # without it; the boxes themselves are found: class-agnostic AP50 ~0.75). Heads between torchvision's and
+    # the lightest: a 128-channel FPN/RPN, a 512-d box head, two 64-channel mask convs (box AP 18.4 with
+    # 64/256/2x64, 27.4 with these, at 1.5x the CPU time). 128 sampled RoIs per image: with 32 the box
+    # classifier barely learned, with 512 a step cost ~5x more (the mask head runs on every positive).
+    # Measurements and the settings tried: benchmarks/RESULTS.md, detection.
     "synthetic": dict(detector="mask_rcnn", model="resnet18_ela", epochs=2, batch_size=4, lr=0.02, momentum=0.9,
                       weight_decay=1e-4, warmup_iters=100, warmup_ratio=0.001, milestones=[], grad_clip=10.0,
-                      min_size=128, max_size=128, flip=True, windows=[[1, 1]], alpha=2.0, beta=5.0, tau=0.2,
-                      rpn_post_nms_top_n_train=300, box_batch_size_per_image=128, box_positive_fraction=0.25,
-                      fpn_channels=64, box_head_dim=256, mask_head_channels=64, mask_head_convs=2,
+                      min_size=128, max_size=128, flip=False, windows=[[1, 1]], alpha=2.0, beta=5.0, tau=0.2,
+                      rpn_post_nms_top_n_train=300, rpn_post_nms_top_n_test=300, box_batch_size_per_image=128, box_positive_fraction=0.25,
+                      fpn_channels=128, box_head_dim=512, mask_head_channels=64, mask_head_convs=2,
                       workers=0, predictions=8),
     # The paper's recipe (MMDetection 1x): SGD 0.02 for a total batch of 16 (8 processes x 2), momentum 0.9,
     # weight decay 1e-4, 500-iteration linear warm-up, lr x0.1 after epochs 8 and 11 of 12, 1333x800 + flip,

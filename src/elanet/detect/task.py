@@ -57,9 +57,10 @@ def load_backbone(model: nn.Module, source: str | os.PathLike, *, backbone: str,
     return ckpt
 
 
-def head_sizes(cfg: DetectConfig) -> dict[str, int]:
-    """The :func:`create_detector` head-size arguments of a run (saved in its checkpoints to rebuild it)."""
-    sizes = {k: getattr(cfg, k) for k in ("fpn_channels", "box_head_dim", "mask_head_channels", "mask_head_convs", "roi_canonical_scale")}
+def head_sizes(cfg: DetectConfig) -> dict[str, Any]:
+    """The :func:`create_detector` arguments that shape a run's heads (saved in its checkpoints to rebuild it)."""
+    sizes = {k: getattr(cfg, k) for k in ("fpn_channels", "box_head_dim", "mask_head_channels", "mask_head_convs", "roi_canonical_scale",
+                                        "rpn_post_nms_top_n_test")}
     return {**sizes, "anchor_sizes": [int(a) for a in cfg.anchor_sizes]}
 
 
