@@ -464,7 +464,7 @@ def make_infer_variants(depths: Sequence[int], *, fractions: Sequence[float] = I
     return variants
 
 
-def _infer_model(v: Variant, *, num_classes: int, device: torch.device, seed: int, compile: bool) -> nn.Module:
+def _infer_model(v: Variant, *, num_classes: int, device: torch.device, seed: int) -> nn.Module:
     """The eval-mode model of a variant; an ELA variant as exported (:func:`elanet.export.inference_model`)."""
     from .export import inference_model
 
@@ -473,8 +473,7 @@ def _infer_model(v: Variant, *, num_classes: int, device: torch.device, seed: in
     if v.mask is not None:
         set_mask(model, v.mask)
         model = inference_model(model)
-    model = model.to(device)
-    return torch.compile(model) if compile else model
+    return model.to(device)
 
 
 def infer_targets(results: list[dict]) -> list[dict]:
@@ -524,15 +523,16 @@ def run_infer_benchmark(
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but CUDA is not available: use --device cpu")
-    if compile:
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(variants) * len(batch_sizes))
     formats = list(dict.fromkeys(resolve_memory_format(f, device) for f in memory_formats))
     if not formats:
         raise ValueError("memory_formats is empty: pass contiguous, channels_last or auto")
+    if compile:  # one compilation per model, layout and batch size
+        n = 8 * len(variants) * len(formats) * len(batch_sizes)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, n)
     models, sizes, cases = [], [], []  # cases: (variant index, layout) per model
     for k, v in enumerate(variants):
         info = model_info(v.model)
-        model = _infer_model(v, num_classes=info["num_classes"], device=device, seed=seed, compile=False)
+        model = _infer_model(v, num_classes=info["num_classes"], device=device, seed=seed)
         for fmt in formats:
             m = copy.deepcopy(model).to(memory_format=fmt)
             models.append(torch.compile(m) if compile else m)
@@ -600,8 +600,8 @@ def format_infer_table(report: dict[str, Any]) -> str:
             f"{'target':>6} {'GMACs':>7} {'Mparams':>7}")
     lines = [head, "-" * len(head)]
     for r in res:
-        plain = next((o for o in res if o["depth"] == r["depth"] and o["batch_size"] == r["batch_size"] and o["variant"] == "plain"
-                      and o.get("best_layout", True)))
+        plain = next(o for o in res if o["depth"] == r["depth"] and o["batch_size"] == r["batch_size"] and o["variant"] == "plain"
+                     and o.get("best_layout", True))
         t = targets.get((r["depth"], r["batch_size"], r["variant"], r.get("memory_format", "contiguous"))) if r.get("best_layout", True) else None
         limit, met = (f"{1e3 * t['limit_s']:.2f}", "met" if t["met"] else "MISSED") if t else ("-", "-")
         layout = ("NHWC" if r.get("memory_format") == "channels_last" else "NCHW") + ("*" if r.get("best_layout") else "")
