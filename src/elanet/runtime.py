@@ -4,8 +4,9 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from pathlib import Path
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["default_cache_dir", "keep_freed_memory"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters of glibc's <malloc.h>
 _applied: bool | None = None
@@ -39,3 +40,9 @@ def keep_freed_memory() -> bool:
             except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
                 _applied = False
     return _applied
+
+
+def default_cache_dir() -> Path:
+    """``$ELANET_CACHE`` or ``$XDG_CACHE_HOME/elanet`` (default ``~/.cache/elanet``): generated data and built kernels."""
+    root = os.environ.get("ELANET_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "elanet"
+    return Path(root)

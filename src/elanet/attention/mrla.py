@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .aggregate import LayerMemory
+from .epilogue import branch_add, fused_epilogue_ok
 from .record import AttentionRecord
 
 __all__ = ["eca_kernel_size", "DropPath", "MRLABase", "MRLALight", "PRETRAINED_GAMMA"]
@@ -39,9 +40,14 @@ class DropPath(nn.Module):
 
     def add(self, x: Tensor, branch: Tensor) -> Tensor:
         """``x + self(branch)`` as one fused multiply-add (no intermediate full-size tensor)."""
+        keep = self.sample_scale(branch)
+        return x + branch if keep is None else torch.addcmul(x, branch, keep)
+
+    def sample_scale(self, x: Tensor) -> Tensor | None:
+        """A fresh per-sample scale ``[B, 1, ...]`` (0 or 1/(1-p)), or None when nothing is dropped (p = 0 or eval)."""
         if self.p == 0.0 or not self.training:
-            return x + branch
-        return torch.addcmul(x, branch, self._keep(branch))
+            return None
+        return self._keep(x)
 
     def _keep(self, x: Tensor) -> Tensor:
         keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
@@ -122,8 +128,9 @@ class MRLABase(_QKV):
         attn = logits.softmax(dim=-1)  # [B, heads, n]: a distribution over the active layers
         if self.recorder is not None:
             self.recorder.add(self.block_index, self.stage_index, attn)
-        out = memory.retrieve(attn, self.conv_v(x))  # stores v_t, returns sum_s alpha_s v_s
-        return self.drop_path.add(x, F.relu(self.bn(out), inplace=True))
+        fused = fused_epilogue_ok(x, self.bn)  # then the retrieval hands over its per-head order, uncopied
+        out = memory.retrieve(attn, self.conv_v(x), per_head=fused)  # stores v_t, returns sum_s alpha_s v_s
+        return branch_add(x, out, self.bn, self.drop_path, relu=True)
 
     @torch.no_grad()
     def init_pretrained_start(self, gamma: float = PRETRAINED_GAMMA) -> float:
@@ -222,7 +229,7 @@ class MRLALight(_QKV):
             a = _GateMix.apply(v, gate, identity, lam)
         else:  # inference, export and torch.compile trace plain ops (the compiler makes its own backward)
             a = torch.addcmul(v * gate, lam, identity)
-        return self.drop_path.add(x, self.bn(a))
+        return branch_add(x, a, self.bn, self.drop_path, relu=False)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, heads={self.heads}, k={self.kernel_size}"

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..runtime import default_cache_dir
+
 __all__ = ["SYNTHETIC_VERSION", "default_cache_dir", "make_synthetic_coco", "MASK_LEVEL"]
 
 SYNTHETIC_VERSION = "digits-coco-v2"
@@ -22,12 +24,6 @@ MASK_LEVEL = 0.3  # glyph intensity (0-1) above which a pixel belongs to the ins
 _CANVAS = 128
 _SPLITS = {"train2017": 800, "val2017": 100}  # images per split: 200 steps of batch 4 per epoch
 _VAL_SOURCE_FRACTION = 0.25  # last quarter of the 1797 source glyphs is reserved for val
-
-
-def default_cache_dir() -> Path:
-    """``$ELANET_CACHE`` or ``$XDG_CACHE_HOME/elanet`` (default ``~/.cache/elanet``)."""
-    root = os.environ.get("ELANET_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "elanet"
-    return Path(root)
 
 
 def _upscale(glyph: np.ndarray, size: int) -> np.ndarray:

@@ -1,0 +1,134 @@
+"""The attention branch's output ``x + DropPath(act(BN(a)))`` (paper eq. 5 for MRLA-B / ELA with ReLU,
+eq. 7 for MRLA-L without), fused into one pass each way on CPU.
+
+On this memory-bound CPU the three operators cost more than the retrieval they follow: eager
+PyTorch reads and writes a value-sized tensor about nine times forward and ten times backward for
+BatchNorm's statistics and normalisation, the in-place ReLU and DropPath's multiply-add. The native
+kernel (``kernels/epilogue.c``) reads ``a`` once for the statistics and once with ``x`` to write the
+output; backward reads the gradient and ``a`` once for BatchNorm's two reductions and once more to
+write ``a``'s gradient. It also reads ``a`` in the stage's per-head order ``[B, heads, H, W, d]`` and
+writes its gradient in that order, so the retrieval's channels-last output and gradient copies go
+away (``LayerMemory.retrieve(per_head=True)``).
+
+:func:`branch_add` takes the fused path when training on CPU in float32 with channels-last
+tensors and the kernel is available, and the PyTorch operators otherwise (NCHW, inference and
+export, ``torch.compile``, autocast, CUDA). The two paths compute the same function, including the
+running-statistics update and DropPath's random draw, to float rounding.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from ..kernels import epilogue_lib
+
+__all__ = ["branch_add", "fused_epilogue_ok"]
+
+
+def _geometry(a: Tensor) -> tuple[int, ...] | None:
+    """``(B, G, R, d, sb, sg, sr)`` of the kernel's view of ``a`` (see epilogue.c), or None if it has none."""
+    if a.ndim == 5 and a.is_contiguous():  # [B, heads, H, W, d]: the stage's per-head order
+        b, g, h, w, d = a.shape
+        return b, g, h * w, d, a.stride(0), a.stride(1), d
+    if a.ndim == 4 and a.is_contiguous(memory_format=torch.channels_last):  # [B, C, H, W] channels-last
+        b, c, h, w = a.shape
+        return b, 1, h * w, c, a.stride(0), 0, c
+    return None
+
+
+def fused_epilogue_ok(x: Tensor, bn: nn.Module) -> bool:
+    """Whether :func:`branch_add` can fuse for block output ``x`` and branch norm ``bn`` (before ``a`` exists)."""
+    return (
+        type(bn) is nn.BatchNorm2d and bn.training and bn.affine
+        and x.device.type == "cpu" and x.dtype == torch.float32 and x.ndim == 4
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and bn.weight.dtype == torch.float32
+        and not torch.compiler.is_compiling() and not torch.jit.is_scripting() and not torch.jit.is_tracing()
+        and not torch.is_autocast_enabled("cpu")
+        and epilogue_lib() is not None
+    )
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class _Epilogue(torch.autograd.Function):
+    """``x + keep * act(BN_train(a))`` with BN's running statistics updated as ``nn.BatchNorm2d`` does."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, x: Tensor, weight: Tensor, bias: Tensor, bn: nn.BatchNorm2d, keep: Tensor | None,  # type: ignore[override]
+                relu: bool) -> Tensor:
+        lib = epilogue_lib()
+        geom = _geometry(a)
+        b, g, r, d = geom[:4]
+        c, n = g * d, geom[0] * geom[2]
+        sums = torch.empty(2, c, dtype=torch.float64)
+        if lib.elanet_epi_stats(_ptr(a), *geom, _ptr(sums[0]), _ptr(sums[1])):
+            raise MemoryError("the fused BatchNorm could not allocate its per-thread sums")
+        mean = sums[0] / n
+        var = (sums[1] / n - mean * mean).clamp_(min=0.0)
+        invstd = (var + bn.eps).rsqrt_()
+        scale64 = weight.detach().double() * invstd
+        scale, shift = scale64.float(), (bias.detach().double() - mean * scale64).float()
+        if bn.track_running_stats:  # as nn.BatchNorm2d: momentum, or a cumulative average when it is None
+            bn.num_batches_tracked.add_(1)
+            m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+            bn.running_mean.mul_(1 - m).add_(mean.to(bn.running_mean.dtype), alpha=m)
+            bn.running_var.mul_(1 - m).add_((var * (n / max(n - 1, 1))).to(bn.running_var.dtype), alpha=m)
+        out = torch.empty_like(x, memory_format=torch.channels_last)
+        lib.elanet_epi_forward(_ptr(a), *geom, _ptr(x), _ptr(scale), _ptr(shift), _ptr(keep), int(relu), _ptr(out))
+        ctx.save_for_backward(a, keep)
+        ctx.geom, ctx.relu, ctx.n = geom, relu, n
+        ctx.stats = (scale, shift, mean.float(), invstd, weight.detach().double())
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        a, keep = ctx.saved_tensors
+        scale, shift, mean, invstd, weight = ctx.stats
+        geom, n = ctx.geom, ctx.n
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        c = geom[1] * geom[3]
+        sums = torch.empty(2, c, dtype=torch.float64)
+        lib = epilogue_lib()
+        if lib.elanet_epi_backward_sums(_ptr(a), *geom, _ptr(grad), _ptr(scale), _ptr(shift), _ptr(mean), _ptr(keep),
+                                        int(ctx.relu), _ptr(sums[0]), _ptr(sums[1])):
+            raise MemoryError("the fused BatchNorm could not allocate its per-thread sums")
+        sum_gy, sum_gy_xc = sums[0], sums[1]
+        grad_a = None
+        if ctx.needs_input_grad[0]:  # BN backward: w*invstd * (gy - mean(gy) - xhat * mean(gy * xhat))
+            k1 = weight * invstd
+            c1, c2, c3 = k1.float(), (-k1 * invstd * invstd * sum_gy_xc / n).float(), (-k1 * sum_gy / n).float()
+            grad_a = torch.empty_like(a)
+            lib.elanet_epi_backward(_ptr(a), *geom, _ptr(grad), _ptr(scale), _ptr(shift), _ptr(mean), _ptr(keep),
+                                    int(ctx.relu), _ptr(c1), _ptr(c2), _ptr(c3), _ptr(grad_a))
+        grad_w = (sum_gy_xc * invstd).float() if ctx.needs_input_grad[2] else None
+        grad_b = sum_gy.float() if ctx.needs_input_grad[3] else None
+        return grad_a, grad if ctx.needs_input_grad[1] else None, grad_w, grad_b, None, None, None
+
+
+def branch_add(x: Tensor, a: Tensor, bn: nn.BatchNorm2d, drop_path: nn.Module, *, relu: bool) -> Tensor:
+    """``x + drop_path(act(bn(a)))``, act = ReLU if ``relu`` else identity.
+
+    Args:
+        x: the block output ``[B, C, H, W]`` the branch is added to.
+        a: the branch before its norm: ``[B, C, H, W]``, or the stage's per-head order
+            ``[B, heads, H, W, d]`` that ``LayerMemory.retrieve(per_head=True)`` returns (only where
+            :func:`fused_epilogue_ok` holds).
+        bn: the branch's ``BatchNorm2d``.
+        drop_path: the branch's :class:`~elanet.attention.mrla.DropPath`.
+    """
+    if _geometry(a) is not None and fused_epilogue_ok(x, bn):
+        keep = drop_path.sample_scale(x)
+        return _Epilogue.apply(a, x, bn.weight, bn.bias, bn, None if keep is None else keep.view(-1), relu)
+    if a.ndim == 5:  # per-head order without the fused kernel: back to [B, C, H, W] channels-last
+        b, g, h, w, d = a.shape
+        flat = torch.empty((b, g * d, h, w), dtype=a.dtype, device=a.device, memory_format=torch.channels_last)
+        flat.unflatten(1, (g, d)).permute(0, 1, 3, 4, 2).copy_(a)
+        a = flat
+    y = bn(a)
+    return drop_path.add(x, F.relu(y, inplace=True) if relu else y)

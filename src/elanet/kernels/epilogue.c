@@ -1,0 +1,164 @@
+/* The attention branch's epilogue in one pass each way: out = x + keep[b] * act(BN(a)).
+ *
+ * BN uses the batch statistics (training). act is ReLU (MRLA-B / ELA) or the identity (MRLA-L),
+ * keep[b] is DropPath's per-sample scale (0 or 1/(1-p)). Eager PyTorch spends ~9 value-sized
+ * passes forward and ~10 backward on these three operators; here forward is one read (statistics)
+ * plus one read of a and x and one write, backward one read of grad and a (reductions) plus one
+ * read of both and one write. See src/elanet/attention/epilogue.py for the autograd wrapper.
+ *
+ * Geometry: element (b, g, r, j) of the branch input a is at a[b*sb + g*sg + r*sr + j], with
+ * channel c = g*d + j (j < d contiguous) and r = h*W + w. x, out and grad are channels-last
+ * [B, R, C] contiguous. A stage's per-head retrieval output [B, heads, H, W, d] and a channels-last
+ * [B, C, H, W] tensor (G = 1, d = C) both fit.
+ *
+ * Threads are OpenMP's, from the libgomp torch itself runs on, so torch.set_num_threads applies.
+ * Reductions are deterministic for a given thread count: each thread sums its static share of rows
+ * into its own slot and the slots are added in thread order.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+
+static void share(int64_t n, int64_t* lo, int64_t* hi) {
+    int nt = omp_get_num_threads(), t = omp_get_thread_num();
+    int64_t chunk = (n + nt - 1) / nt;
+    *lo = t * chunk < n ? t * chunk : n;
+    *hi = *lo + chunk < n ? *lo + chunk : n;
+}
+
+/* per-channel sums of a and a^2 over (b, r): the batch statistics */
+int elanet_epi_stats(const float* restrict a, int64_t B, int64_t G, int64_t R, int64_t d, int64_t sb, int64_t sg,
+                     int64_t sr, double* restrict sum, double* restrict sumsq) {
+    const int64_t C = G * d;
+    const int nt = omp_get_max_threads();
+    double* part = calloc((size_t)nt * 2 * C, sizeof(double));
+    if (!part) return 1;
+    int used = 1;
+    #pragma omp parallel num_threads(nt)
+    {
+        #pragma omp single
+        used = omp_get_num_threads();
+        int64_t lo_row, hi_row;
+        share(B * R, &lo_row, &hi_row);
+        double* s = part + (size_t)omp_get_thread_num() * 2 * C;
+        double* q = s + C;
+        for (int64_t row = lo_row; row < hi_row; row++) {
+            const int64_t b = row / R, r = row % R;
+            for (int64_t g = 0; g < G; g++) {
+                const float* p = a + b * sb + g * sg + r * sr;
+                double* sgp = s + g * d; double* qgp = q + g * d;
+                #pragma omp simd
+                for (int64_t j = 0; j < d; j++) { const float v = p[j]; sgp[j] += v; qgp[j] += (double)(v * v); }
+            }
+        }
+    }
+    for (int64_t c = 0; c < C; c++) { sum[c] = 0.0; sumsq[c] = 0.0; }
+    for (int t = 0; t < used; t++)
+        for (int64_t c = 0; c < C; c++) { sum[c] += part[(size_t)t * 2 * C + c]; sumsq[c] += part[(size_t)t * 2 * C + C + c]; }
+    free(part);
+    return 0;
+}
+
+/* out = x + keep[b] * act(a * scale + shift) */
+void elanet_epi_forward(const float* restrict a, int64_t B, int64_t G, int64_t R, int64_t d, int64_t sb, int64_t sg,
+                        int64_t sr, const float* restrict x, const float* restrict scale, const float* restrict shift,
+                        const float* restrict keep, int relu, float* restrict out) {
+    const int64_t C = G * d;
+    const float floor_ = relu ? 0.0f : -INFINITY;
+    #pragma omp parallel
+    {
+        int64_t lo_row, hi_row;
+        share(B * R, &lo_row, &hi_row);
+        for (int64_t row = lo_row; row < hi_row; row++) {
+            const int64_t b = row / R, r = row % R;
+            const float k = keep ? keep[b] : 1.0f;
+            for (int64_t g = 0; g < G; g++) {
+                const float* p = a + b * sb + g * sg + r * sr;
+                const float* sc = scale + g * d; const float* sh = shift + g * d;
+                const float* xx = x + row * C + g * d; float* o = out + row * C + g * d;
+                #pragma omp simd
+                for (int64_t j = 0; j < d; j++) {
+                    const float y = p[j] * sc[j] + sh[j];
+                    o[j] = xx[j] + k * (y > floor_ ? y : 0.0f);
+                }
+            }
+        }
+    }
+}
+
+/* sums over (b, r) of gy and gy * (a - mean), gy = grad * keep[b] * act'(a * scale + shift) */
+int elanet_epi_backward_sums(const float* restrict a, int64_t B, int64_t G, int64_t R, int64_t d, int64_t sb,
+                             int64_t sg, int64_t sr, const float* restrict grad, const float* restrict scale,
+                             const float* restrict shift, const float* restrict mean, const float* restrict keep,
+                             int relu, double* restrict sum_gy, double* restrict sum_gy_xc) {
+    const int64_t C = G * d;
+    const float floor_ = relu ? 0.0f : -INFINITY;
+    const int nt = omp_get_max_threads();
+    double* part = calloc((size_t)nt * 2 * C, sizeof(double));
+    if (!part) return 1;
+    int used = 1;
+    #pragma omp parallel num_threads(nt)
+    {
+        #pragma omp single
+        used = omp_get_num_threads();
+        int64_t lo_row, hi_row;
+        share(B * R, &lo_row, &hi_row);
+        double* s = part + (size_t)omp_get_thread_num() * 2 * C;
+        double* q = s + C;
+        for (int64_t row = lo_row; row < hi_row; row++) {
+            const int64_t b = row / R, r = row % R;
+            const float k = keep ? keep[b] : 1.0f;
+            for (int64_t g = 0; g < G; g++) {
+                const float* p = a + b * sb + g * sg + r * sr;
+                const float* sc = scale + g * d; const float* sh = shift + g * d; const float* mu = mean + g * d;
+                const float* gr = grad + row * C + g * d;
+                double* sgp = s + g * d; double* qgp = q + g * d;
+                #pragma omp simd
+                for (int64_t j = 0; j < d; j++) {
+                    const float v = p[j], g0 = gr[j] * k;
+                    const float gy = v * sc[j] + sh[j] > floor_ ? g0 : 0.0f;
+                    sgp[j] += gy; qgp[j] += (double)(gy * (v - mu[j]));
+                }
+            }
+        }
+    }
+    for (int64_t c = 0; c < C; c++) { sum_gy[c] = 0.0; sum_gy_xc[c] = 0.0; }
+    for (int t = 0; t < used; t++)
+        for (int64_t c = 0; c < C; c++) { sum_gy[c] += part[(size_t)t * 2 * C + c]; sum_gy_xc[c] += part[(size_t)t * 2 * C + C + c]; }
+    free(part);
+    return 0;
+}
+
+/* grad_a = c1 * gy + c2 * (a - mean) + c3 per channel, written with a's strides */
+void elanet_epi_backward(const float* restrict a, int64_t B, int64_t G, int64_t R, int64_t d, int64_t sb, int64_t sg,
+                         int64_t sr, const float* restrict grad, const float* restrict scale, const float* restrict shift,
+                         const float* restrict mean, const float* restrict keep, int relu, const float* restrict c1,
+                         const float* restrict c2, const float* restrict c3, float* restrict grad_a) {
+    const int64_t C = G * d;
+    const float floor_ = relu ? 0.0f : -INFINITY;
+    #pragma omp parallel
+    {
+        int64_t lo_row, hi_row;
+        share(B * R, &lo_row, &hi_row);
+        for (int64_t row = lo_row; row < hi_row; row++) {
+            const int64_t b = row / R, r = row % R;
+            const float k = keep ? keep[b] : 1.0f;
+            for (int64_t g = 0; g < G; g++) {
+                const int64_t off = b * sb + g * sg + r * sr;
+                const float* p = a + off; float* ga = grad_a + off;
+                const float* sc = scale + g * d; const float* sh = shift + g * d; const float* mu = mean + g * d;
+                const float* k1 = c1 + g * d; const float* k2 = c2 + g * d; const float* k3 = c3 + g * d;
+                const float* gr = grad + row * C + g * d;
+                #pragma omp simd
+                for (int64_t j = 0; j < d; j++) {
+                    const float v = p[j], g0 = gr[j] * k;
+                    const float gy = v * sc[j] + sh[j] > floor_ ? g0 : 0.0f;
+                    ga[j] = k1[j] * gy + k2[j] * (v - mu[j]) + k3[j];
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,171 @@
+"""The fused attention-branch epilogue (BN + act + DropPath + add in native kernels) against float64 references."""
+from __future__ import annotations
+
+import copy
+import shutil
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import elanet
+import elanet.kernels as kernels
+from elanet.attention import DropPath
+from elanet.attention.aggregate import LayerMemory
+from elanet.attention.epilogue import branch_add, fused_epilogue_ok
+
+CAN_BUILD = sys.platform.startswith("linux") and shutil.which("cc") is not None
+
+
+@pytest.fixture
+def use_kernels(monkeypatch):
+    """Switch the native kernels on (build them) or off for one test, then restore the module state."""
+    monkeypatch.setattr(kernels, "_tried", kernels._tried)
+    monkeypatch.setattr(kernels, "_lib", kernels._lib)
+    monkeypatch.setattr(kernels, "_error", kernels._error)
+
+    def switch(on: bool) -> None:
+        kernels._tried, kernels._lib = (not on, None) if not on else (False, None)
+        if on:
+            monkeypatch.delenv("ELANET_KERNELS", raising=False)
+            assert kernels.epilogue_lib() is not None, kernels.build_error()
+
+    return switch
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="needs Linux and a C compiler")
+def test_kernels_build_where_a_compiler_exists(use_kernels):
+    use_kernels(True)  # CI has gcc: the fused path is what its training runs take
+    assert kernels.build_error() is None
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="needs Linux and a C compiler")
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("per_head", [True, False])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_fused_epilogue_matches_float64(use_kernels, relu, per_head, momentum):
+    """Output, every gradient and the running statistics agree with float64 BN/ReLU/DropPath, at least as
+    closely as PyTorch's own float32 operators do."""
+    torch.manual_seed(0)
+    b, c, h, w, heads = 6, 16, 5, 3, 2
+    a64, x64, up64 = (torch.randn(b, c, h, w, dtype=torch.float64) * s + o for s, o in ((1.5, 0.2), (1, 0), (1, 0)))
+    bn = nn.BatchNorm2d(c, momentum=momentum)
+    bn.weight.data.uniform_(0.5, 1.5)
+    bn.bias.data.normal_(0, 0.2)
+    bn.running_mean.normal_()
+    drop = DropPath(0.4).train()
+
+    def run(dtype, fused):
+        use_kernels(fused)
+        norm = copy.deepcopy(bn).to(dtype)
+        norm.num_batches_tracked.fill_(3)
+        a = a64.to(dtype).contiguous(memory_format=torch.channels_last)
+        if per_head:  # the stage's per-head order [B, heads, H, W, d]
+            a = a.unflatten(1, (heads, c // heads)).permute(0, 1, 3, 4, 2).contiguous()
+        a.requires_grad_()
+        x = x64.to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+        assert fused_epilogue_ok(x, norm) == fused
+        torch.manual_seed(5)  # the same DropPath draw in every run
+        out = branch_add(x, a, norm, drop, relu=relu)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        out.backward(up64.to(dtype).contiguous(memory_format=torch.channels_last))
+        grad_a = a.grad.permute(0, 1, 4, 2, 3).flatten(1, 2) if per_head else a.grad
+        assert norm.num_batches_tracked.item() == 4
+        return [t.double() for t in (out, grad_a, x.grad, norm.weight.grad, norm.bias.grad, norm.running_mean, norm.running_var)]
+
+    want = run(torch.float64, False)
+    fused, eager32 = run(torch.float32, True), run(torch.float32, False)
+    for name, f, e, r in zip(("out", "grad a", "grad x", "grad gamma", "grad beta", "running mean", "running var"), fused, eager32, want):
+        err_f, err_e = ((f - r).abs().max() / r.abs().max()).item(), ((e - r).abs().max() / r.abs().max()).item()
+        assert err_f <= max(2 * err_e, 1e-6), (name, err_f, err_e)
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="needs Linux and a C compiler")
+def test_fused_epilogue_is_deterministic(use_kernels):
+    """The same inputs give bitwise the same outputs and gradients: what exact resume relies on."""
+    use_kernels(True)
+    torch.manual_seed(0)
+    model = elanet.create_model("resnet20_ela", drop_path=0.1).to(memory_format=torch.channels_last).train()
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    runs = []
+    for _ in range(2):
+        m = copy.deepcopy(model)
+        torch.manual_seed(1)
+        m(x).square().mean().backward()
+        runs.append([p.grad.clone() for p in m.parameters() if p.grad is not None])
+    assert all(torch.equal(g1, g2) for g1, g2 in zip(*runs))
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="needs Linux and a C compiler")
+@pytest.mark.parametrize("name", ["resnet20_ela", "resnet20_mrla_b", "resnet20_mrla_l"])
+def test_model_step_fused_equals_pytorch_ops(use_kernels, name):
+    """A channels-last training step with the kernels gives the PyTorch path's loss, gradients and BN statistics."""
+    torch.manual_seed(0)
+    model = elanet.create_model(name, drop_path=0.1).double().to(memory_format=torch.channels_last).train()
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    # reference in float64 (PyTorch ops), then both float32 paths; the fused one must be as close as eager float32
+    results = {}
+    for key, dtype, fused in (("ref", torch.float64, False), ("eager", torch.float32, False), ("fused", torch.float32, True)):
+        use_kernels(fused)
+        m = copy.deepcopy(model).to(dtype)
+        torch.manual_seed(1)
+        loss = m(x.to(dtype)).square().mean()
+        loss.backward()
+        results[key] = (loss.double(), [p.grad.double() for p in m.parameters()], [b.double() for b in m.buffers()])
+    ref, eager, fused = results["ref"], results["eager"], results["fused"]
+    assert abs(fused[0] - ref[0]) <= max(4 * abs(eager[0] - ref[0]), 1e-6 * abs(ref[0]))
+    grad_err = lambda r: max(((g - w).norm() / (w.norm() + 1e-30)).item() for g, w in zip(r[1], ref[1]))  # noqa: E731
+    assert grad_err(fused) <= max(4 * grad_err(eager), 1e-5)
+    buf_err = lambda r: max((b - w).abs().max().item() for b, w in zip(r[2], ref[2]))  # noqa: E731
+    assert buf_err(fused) <= max(4 * buf_err(eager), 1e-5)
+
+
+def test_per_head_retrieval_is_the_channels_last_output_reordered():
+    torch.manual_seed(0)
+    b, c, h, w, heads = 2, 8, 3, 4, 2
+    values = [torch.randn(b, c, h, w).contiguous(memory_format=torch.channels_last).requires_grad_() for _ in range(3)]
+    weights = torch.randn(b, heads, 3).softmax(-1)
+    outs = []
+    for per_head in (False, True):
+        mem = LayerMemory(capacity=3)
+        for t, v in enumerate(values):
+            out = mem.retrieve(weights[..., : t + 1].softmax(-1), v, per_head=per_head)
+        outs.append(out)
+    plain, per_head = outs
+    assert per_head.shape == (b, heads, h, w, c // heads) and per_head.is_contiguous()
+    torch.testing.assert_close(per_head, plain.unflatten(1, (heads, -1)).permute(0, 1, 3, 4, 2), rtol=0, atol=0)
+    # and gradients flow back to every value in that order too
+    (gv,) = torch.autograd.grad(per_head.sum(), [values[0]])
+    (gw,) = torch.autograd.grad(plain.sum(), [values[0]])
+    torch.testing.assert_close(gv, gw)
+
+
+def test_kernels_off_and_unbuildable_fall_back_to_pytorch_ops(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setenv("ELANET_KERNELS", "0")
+    assert kernels.epilogue_lib() is None and "ELANET_KERNELS=0" in kernels.build_error()
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.delenv("ELANET_KERNELS")
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("ELANET_CACHE", str(tmp_path / "cache"))
+    with pytest.warns(RuntimeWarning, match="no C compiler .* PyTorch operators"):
+        assert kernels.epilogue_lib() is None
+    x = torch.randn(2, 8, 3, 3).contiguous(memory_format=torch.channels_last)
+    bn = nn.BatchNorm2d(8).train()
+    assert not fused_epilogue_ok(x, bn)
+    out = branch_add(x, torch.randn(2, 8, 3, 3).contiguous(memory_format=torch.channels_last), bn, DropPath(0.0), relu=True)
+    assert out.shape == x.shape
+
+
+@pytest.mark.parametrize("case", ["eval", "nchw", "float64"])
+def test_fused_path_only_where_it_applies(case):
+    x = torch.randn(2, 8, 3, 3)
+    bn = nn.BatchNorm2d(8).train()
+    if case == "eval":
+        bn.eval()
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif case == "float64":
+        x, bn = x.double().contiguous(memory_format=torch.channels_last), bn.double()
+    assert not fused_epilogue_ok(x, bn)
