@@ -13,7 +13,7 @@ import elanet
 import elanet.kernels as kernels
 from elanet.attention import DropPath
 from elanet.attention.aggregate import LayerMemory
-from elanet.attention.epilogue import branch_add, fused_epilogue_ok
+from elanet.attention.epilogue import branch_add, fused_epilogue_ok, gated_branch_add
 
 CAN_BUILD = sys.platform.startswith("linux") and shutil.which("cc") is not None
 
@@ -79,6 +79,41 @@ def test_fused_epilogue_matches_float64(use_kernels, relu, per_head, momentum):
     for name, f, e, r in zip(("out", "grad a", "grad x", "grad gamma", "grad beta", "running mean", "running var"), fused, eager32, want):
         err_f, err_e = ((f - r).abs().max() / r.abs().max()).item(), ((e - r).abs().max() / r.abs().max()).item()
         assert err_f <= max(2 * err_e, 1e-6), (name, err_f, err_e)
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="needs Linux and a C compiler")
+def test_gated_epilogue_matches_float64(use_kernels):
+    """MRLA-L's gate * v + lambda * identity, BN, DropPath and add (eq. 7) fused, against float64 PyTorch ops."""
+    torch.manual_seed(0)
+    b, c, h, w = 5, 12, 4, 3
+    v64, id64, x64, up64 = (torch.randn(b, c, h, w, dtype=torch.float64) for _ in range(4))
+    gate64, lam64 = torch.rand(b, c, 1, 1, dtype=torch.float64), torch.randn(1, c, 1, 1, dtype=torch.float64)
+    bn = nn.BatchNorm2d(c)
+    bn.weight.data.uniform_(0.5, 1.5)
+    bn.bias.data.normal_(0, 0.2)
+    drop = DropPath(0.4).train()
+
+    def run(dtype, fused):
+        use_kernels(fused)
+        norm = copy.deepcopy(bn).to(dtype)
+        cl = lambda t: t.detach().to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_()  # noqa: E731
+        v, identity, x = cl(v64), cl(id64), cl(x64)
+        gate, lam = (t.detach().clone().to(dtype).requires_grad_() for t in (gate64, lam64))
+        torch.manual_seed(5)
+        if fused:
+            assert fused_epilogue_ok(x, norm, v, identity)
+            out = gated_branch_add(x, v, gate, identity, lam, norm, drop)
+        else:
+            out = branch_add(x, gate * v + lam * identity, norm, drop, relu=False)
+        out.backward(up64.to(dtype).contiguous(memory_format=torch.channels_last))
+        return [t.double() for t in (out, v.grad, identity.grad, x.grad, gate.grad, lam.grad, norm.weight.grad, norm.bias.grad,
+                                     norm.running_mean, norm.running_var)]
+
+    want = run(torch.float64, False)
+    fused, eager32 = run(torch.float32, True), run(torch.float32, False)
+    for i, (f, e, r) in enumerate(zip(fused, eager32, want)):
+        err_f, err_e = ((f - r).abs().max() / r.abs().max()).item(), ((e - r).abs().max() / r.abs().max()).item()
+        assert err_f <= max(2 * err_e, 1e-6), (i, err_f, err_e)
 
 
 @pytest.mark.skipif(not CAN_BUILD, reason="needs Linux and a C compiler")

@@ -24,7 +24,7 @@ from torch.autograd.function import once_differentiable
 
 from ..kernels import epilogue_lib
 
-__all__ = ["branch_add", "fused_epilogue_ok"]
+__all__ = ["branch_add", "fused_epilogue_ok", "gated_branch_add"]
 
 
 def _geometry(a: Tensor) -> tuple[int, ...] | None:
@@ -38,12 +38,12 @@ def _geometry(a: Tensor) -> tuple[int, ...] | None:
     return None
 
 
-def fused_epilogue_ok(x: Tensor, bn: nn.Module) -> bool:
-    """Whether :func:`branch_add` can fuse for block output ``x`` and branch norm ``bn`` (before ``a`` exists)."""
+def fused_epilogue_ok(x: Tensor, bn: nn.Module, *others: Tensor) -> bool:
+    """Whether the fused kernels apply to block output ``x`` (and ``others``, same shape) with branch norm ``bn``."""
     return (
         type(bn) is nn.BatchNorm2d and bn.training and bn.affine
-        and x.device.type == "cpu" and x.dtype == torch.float32 and x.ndim == 4
-        and x.is_contiguous(memory_format=torch.channels_last)
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.ndim == 4 and t.shape == x.shape
+                and t.is_contiguous(memory_format=torch.channels_last) for t in (x, *others))
         and bn.weight.dtype == torch.float32
         and not torch.compiler.is_compiling() and not torch.jit.is_scripting() and not torch.jit.is_tracing()
         and not torch.is_autocast_enabled("cpu")
@@ -53,6 +53,27 @@ def fused_epilogue_ok(x: Tensor, bn: nn.Module) -> bool:
 
 def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+def _batch_stats(sums: Tensor, n: int, weight: Tensor, bias: Tensor, bn: nn.BatchNorm2d) -> tuple[Tensor, ...]:
+    """Mean, invstd, and the float32 per-channel ``scale, shift`` of BN from the kernel's double sums;
+    updates ``bn``'s running statistics as ``nn.BatchNorm2d`` does (momentum, or a cumulative average)."""
+    mean = sums[0] / n
+    var = (sums[1] / n - mean * mean).clamp_(min=0.0)
+    invstd = (var + bn.eps).rsqrt_()
+    scale64 = weight.detach().double() * invstd
+    if bn.track_running_stats:
+        bn.num_batches_tracked.add_(1)
+        m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        bn.running_mean.mul_(1 - m).add_(mean.to(bn.running_mean.dtype), alpha=m)
+        bn.running_var.mul_(1 - m).add_((var * (n / max(n - 1, 1))).to(bn.running_var.dtype), alpha=m)
+    return mean, invstd, scale64.float(), (bias.detach().double() - mean * scale64).float()
+
+
+def _bn_backward_coefficients(sums: Tensor, n: int, weight: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``c1, c2, c3`` with ``grad_a = c1 * gy + c2 * (a - mean) + c3``, BN's backward from ``sum gy`` and ``sum gy (a - mean)``."""
+    k1 = weight.detach().double() * invstd
+    return k1.float(), (-k1 * invstd * invstd * sums[1] / n).float(), (-k1 * sums[0] / n).float()
 
 
 class _Epilogue(torch.autograd.Function):
@@ -68,21 +89,12 @@ class _Epilogue(torch.autograd.Function):
         sums = torch.empty(2, c, dtype=torch.float64)
         if lib.elanet_epi_stats(_ptr(a), *geom, _ptr(sums[0]), _ptr(sums[1])):
             raise MemoryError("the fused BatchNorm could not allocate its per-thread sums")
-        mean = sums[0] / n
-        var = (sums[1] / n - mean * mean).clamp_(min=0.0)
-        invstd = (var + bn.eps).rsqrt_()
-        scale64 = weight.detach().double() * invstd
-        scale, shift = scale64.float(), (bias.detach().double() - mean * scale64).float()
-        if bn.track_running_stats:  # as nn.BatchNorm2d: momentum, or a cumulative average when it is None
-            bn.num_batches_tracked.add_(1)
-            m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-            bn.running_mean.mul_(1 - m).add_(mean.to(bn.running_mean.dtype), alpha=m)
-            bn.running_var.mul_(1 - m).add_((var * (n / max(n - 1, 1))).to(bn.running_var.dtype), alpha=m)
+        mean, invstd, scale, shift = _batch_stats(sums, n, weight, bias, bn)
         out = torch.empty_like(x, memory_format=torch.channels_last)
         lib.elanet_epi_forward(_ptr(a), *geom, _ptr(x), _ptr(scale), _ptr(shift), _ptr(keep), int(relu), _ptr(out))
         ctx.save_for_backward(a, keep)
         ctx.geom, ctx.relu, ctx.n = geom, relu, n
-        ctx.stats = (scale, shift, mean.float(), invstd, weight.detach().double())
+        ctx.stats = (scale, shift, mean.float(), invstd, weight)
         return out
 
     @staticmethod
@@ -101,14 +113,71 @@ class _Epilogue(torch.autograd.Function):
         sum_gy, sum_gy_xc = sums[0], sums[1]
         grad_a = None
         if ctx.needs_input_grad[0]:  # BN backward: w*invstd * (gy - mean(gy) - xhat * mean(gy * xhat))
-            k1 = weight * invstd
-            c1, c2, c3 = k1.float(), (-k1 * invstd * invstd * sum_gy_xc / n).float(), (-k1 * sum_gy / n).float()
+            c1, c2, c3 = _bn_backward_coefficients(sums, n, weight, invstd)
             grad_a = torch.empty_like(a)
             lib.elanet_epi_backward(_ptr(a), *geom, _ptr(grad), _ptr(scale), _ptr(shift), _ptr(mean), _ptr(keep),
                                     int(ctx.relu), _ptr(c1), _ptr(c2), _ptr(c3), _ptr(grad_a))
         grad_w = (sum_gy_xc * invstd).float() if ctx.needs_input_grad[2] else None
         grad_b = sum_gy.float() if ctx.needs_input_grad[3] else None
         return grad_a, grad if ctx.needs_input_grad[1] else None, grad_w, grad_b, None, None, None
+
+
+class _GatedEpilogue(torch.autograd.Function):
+    """MRLA-L's ``x + keep * BN_train(gate * v + lam * identity)`` (paper eq. 7); the mix is never written out."""
+
+    @staticmethod
+    def forward(ctx, v: Tensor, gate: Tensor, identity: Tensor, lam: Tensor, x: Tensor, weight: Tensor, bias: Tensor,  # type: ignore[override]
+                bn: nn.BatchNorm2d, keep: Tensor | None) -> Tensor:
+        lib = epilogue_lib()
+        b, c, h, w = x.shape
+        n = b * h * w
+        gate2 = gate.reshape(b, c).contiguous()
+        lam1 = lam.reshape(c).contiguous()
+        dims = (b, h * w, c)
+        sums = torch.empty(2, c, dtype=torch.float64)
+        if lib.elanet_mix_stats(_ptr(v), _ptr(identity), _ptr(gate2), _ptr(lam1), *dims, _ptr(sums[0]), _ptr(sums[1])):
+            raise MemoryError("the fused BatchNorm could not allocate its per-thread sums")
+        mean, invstd, scale, shift = _batch_stats(sums, n, weight, bias, bn)
+        out = torch.empty_like(x, memory_format=torch.channels_last)
+        lib.elanet_mix_forward(_ptr(v), _ptr(identity), _ptr(gate2), _ptr(lam1), *dims, _ptr(x), _ptr(scale), _ptr(shift), _ptr(keep), _ptr(out))
+        ctx.save_for_backward(v, identity, gate2, lam1, keep)
+        ctx.stats, ctx.dims, ctx.n, ctx.gate_shape, ctx.lam_shape = (mean.float(), invstd, weight), dims, n, gate.shape, lam.shape
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        v, identity, gate2, lam1, keep = ctx.saved_tensors
+        mean, invstd, weight = ctx.stats
+        dims, n = ctx.dims, ctx.n
+        lib = epilogue_lib()
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        sums = torch.empty(2, dims[2], dtype=torch.float64)
+        args = (_ptr(v), _ptr(identity), _ptr(gate2), _ptr(lam1), *dims)
+        if lib.elanet_mix_backward_sums(*args, _ptr(grad), _ptr(mean), _ptr(keep), _ptr(sums[0]), _ptr(sums[1])):
+            raise MemoryError("the fused BatchNorm could not allocate its per-thread sums")
+        c1, c2, c3 = _bn_backward_coefficients(sums, n, weight, invstd)
+        grad_v, grad_id = torch.empty_like(v), torch.empty_like(identity)
+        grad_gate = torch.empty(dims[0], dims[2], dtype=torch.float64)
+        grad_lam = torch.empty(dims[2], dtype=torch.float64)
+        if lib.elanet_mix_backward(*args, _ptr(grad), _ptr(mean), _ptr(keep), _ptr(c1), _ptr(c2), _ptr(c3),
+                                   _ptr(grad_v), _ptr(grad_id), _ptr(grad_gate), _ptr(grad_lam)):
+            raise MemoryError("the fused BatchNorm could not allocate its per-thread sums")
+        need = ctx.needs_input_grad
+        return (grad_v if need[0] else None, grad_gate.float().view(ctx.gate_shape) if need[1] else None,
+                grad_id if need[2] else None, grad_lam.float().view(ctx.lam_shape) if need[3] else None,
+                grad if need[4] else None, (sums[1] * invstd).float() if need[5] else None, sums[0].float() if need[6] else None,
+                None, None)
+
+
+def gated_branch_add(x: Tensor, v: Tensor, gate: Tensor, identity: Tensor, lam: Tensor, bn: nn.BatchNorm2d,
+                     drop_path: nn.Module) -> Tensor:
+    """MRLA-L's ``x + drop_path(bn(gate * v + lam * identity))`` (paper eq. 7) with the fused kernels.
+
+    Only where ``fused_epilogue_ok(x, bn, v, identity)`` holds; ``gate`` is ``[B, C, 1, 1]``, ``lam`` ``[1, C, 1, 1]``.
+    """
+    keep = drop_path.sample_scale(x)
+    return _GatedEpilogue.apply(v, gate, identity, lam, x, bn.weight, bn.bias, bn, None if keep is None else keep.view(-1))
 
 
 def branch_add(x: Tensor, a: Tensor, bn: nn.BatchNorm2d, drop_path: nn.Module, *, relu: bool) -> Tensor:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .aggregate import LayerMemory
-from .epilogue import branch_add, fused_epilogue_ok
+from .epilogue import branch_add, fused_epilogue_ok, gated_branch_add
 from .record import AttentionRecord
 
 __all__ = ["eca_kernel_size", "DropPath", "MRLABase", "MRLALight", "PRETRAINED_GAMMA"]
@@ -225,6 +225,8 @@ class MRLALight(_QKV):
         gate = torch.sigmoid((q * k).sum(-1) * self.scale)  # [B, heads]
         gate = gate.repeat_interleave(self.head_dim, dim=1).view(b, c, 1, 1)
         v, lam = self.conv_v(x), self.lambda_t.view(1, c, 1, 1)
+        if fused_epilogue_ok(x, self.bn, v, identity):  # CPU training: mix, BN and add in the native kernels
+            return gated_branch_add(x, v, gate, identity, lam, self.bn, self.drop_path)
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # eager training: the lean backward
             a = _GateMix.apply(v, gate, identity, lam)
         else:  # inference, export and torch.compile trace plain ops (the compiler makes its own backward)

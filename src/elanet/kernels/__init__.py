@@ -1,7 +1,7 @@
 """Native CPU kernels, compiled on first use with the system C compiler and loaded with ctypes.
 
 One kernel file today, ``epilogue.c``: the attention branch's BatchNorm + activation + DropPath +
-residual add in one pass each way (see ``attention/epilogue.py``). It is plain C with OpenMP, about a
+residual add in one pass each way, and for MRLA-L the gated mix before it (see ``attention/epilogue.py``). It is plain C with OpenMP, about a
 second to build, linked against the ``libgomp`` that PyTorch ships so that it runs on torch's own
 thread pool. The shared library is cached under ``$ELANET_CACHE/kernels`` (see
 :func:`elanet.runtime.default_cache_dir`), keyed by the source, the flags and the compiler, and
@@ -41,6 +41,11 @@ _SIGNATURES = {
     "elanet_epi_forward": (None, _GEOM + [_PTR, _PTR, _PTR, _PTR, _INT, _PTR]),
     "elanet_epi_backward_sums": (_INT, _GEOM + [_PTR, _PTR, _PTR, _PTR, _PTR, _INT, _PTR, _PTR]),
     "elanet_epi_backward": (None, _GEOM + [_PTR, _PTR, _PTR, _PTR, _PTR, _INT, _PTR, _PTR, _PTR, _PTR]),
+    # MRLA-L: v, id, gate, lam, B, R, C, ...
+    "elanet_mix_stats": (_INT, [_PTR] * 4 + [_I64] * 3 + [_PTR, _PTR]),
+    "elanet_mix_forward": (None, [_PTR] * 4 + [_I64] * 3 + [_PTR] * 5),
+    "elanet_mix_backward_sums": (_INT, [_PTR] * 4 + [_I64] * 3 + [_PTR] * 5),
+    "elanet_mix_backward": (_INT, [_PTR] * 4 + [_I64] * 3 + [_PTR] * 10),
 }
 
 

@@ -162,3 +162,135 @@ void elanet_epi_backward(const float* restrict a, int64_t B, int64_t G, int64_t 
         }
     }
 }
+
+/* ---- MRLA-L (paper eq. 7): the same epilogue on a = gate[b, c] * v + lam[c] * id, never written out ----
+ * v, id, x, out and grad are channels-last [B, R, C] contiguous; gate is [B, C]. */
+
+int elanet_mix_stats(const float* restrict v, const float* restrict id, const float* restrict gate,
+                     const float* restrict lam, int64_t B, int64_t R, int64_t C, double* restrict sum, double* restrict sumsq) {
+    const int nt = omp_get_max_threads();
+    double* part = calloc((size_t)nt * 2 * C, sizeof(double));
+    if (!part) return 1;
+    int used = 1;
+    #pragma omp parallel num_threads(nt)
+    {
+        #pragma omp single
+        used = omp_get_num_threads();
+        int64_t lo_row, hi_row;
+        share(B * R, &lo_row, &hi_row);
+        double* s = part + (size_t)omp_get_thread_num() * 2 * C;
+        double* q = s + C;
+        for (int64_t row = lo_row; row < hi_row; row++) {
+            const float* gt = gate + (row / R) * C;
+            const float* vp = v + row * C; const float* ip = id + row * C;
+            #pragma omp simd
+            for (int64_t c = 0; c < C; c++) { const float a = gt[c] * vp[c] + lam[c] * ip[c]; s[c] += a; q[c] += (double)(a * a); }
+        }
+    }
+    for (int64_t c = 0; c < C; c++) { sum[c] = 0.0; sumsq[c] = 0.0; }
+    for (int t = 0; t < used; t++)
+        for (int64_t c = 0; c < C; c++) { sum[c] += part[(size_t)t * 2 * C + c]; sumsq[c] += part[(size_t)t * 2 * C + C + c]; }
+    free(part);
+    return 0;
+}
+
+/* out = x + keep[b] * (a * scale + shift) */
+void elanet_mix_forward(const float* restrict v, const float* restrict id, const float* restrict gate,
+                        const float* restrict lam, int64_t B, int64_t R, int64_t C, const float* restrict x,
+                        const float* restrict scale, const float* restrict shift, const float* restrict keep, float* restrict out) {
+    #pragma omp parallel
+    {
+        int64_t lo_row, hi_row;
+        share(B * R, &lo_row, &hi_row);
+        for (int64_t row = lo_row; row < hi_row; row++) {
+            const int64_t b = row / R;
+            const float* gt = gate + b * C;
+            const float k = keep ? keep[b] : 1.0f;
+            const float* vp = v + row * C; const float* ip = id + row * C; const float* xp = x + row * C; float* o = out + row * C;
+            #pragma omp simd
+            for (int64_t c = 0; c < C; c++) { const float a = gt[c] * vp[c] + lam[c] * ip[c]; o[c] = xp[c] + k * (a * scale[c] + shift[c]); }
+        }
+    }
+}
+
+/* sums over (b, r) of gy = grad * keep[b] and of gy * (a - mean) */
+int elanet_mix_backward_sums(const float* restrict v, const float* restrict id, const float* restrict gate,
+                             const float* restrict lam, int64_t B, int64_t R, int64_t C, const float* restrict grad,
+                             const float* restrict mean, const float* restrict keep, double* restrict sum_gy, double* restrict sum_gy_xc) {
+    const int nt = omp_get_max_threads();
+    double* part = calloc((size_t)nt * 2 * C, sizeof(double));
+    if (!part) return 1;
+    int used = 1;
+    #pragma omp parallel num_threads(nt)
+    {
+        #pragma omp single
+        used = omp_get_num_threads();
+        int64_t lo_row, hi_row;
+        share(B * R, &lo_row, &hi_row);
+        double* s = part + (size_t)omp_get_thread_num() * 2 * C;
+        double* q = s + C;
+        for (int64_t row = lo_row; row < hi_row; row++) {
+            const int64_t b = row / R;
+            const float* gt = gate + b * C;
+            const float k = keep ? keep[b] : 1.0f;
+            const float* vp = v + row * C; const float* ip = id + row * C; const float* gr = grad + row * C;
+            #pragma omp simd
+            for (int64_t c = 0; c < C; c++) {
+                const float a = gt[c] * vp[c] + lam[c] * ip[c], gy = gr[c] * k;
+                s[c] += gy; q[c] += (double)(gy * (a - mean[c]));
+            }
+        }
+    }
+    for (int64_t c = 0; c < C; c++) { sum_gy[c] = 0.0; sum_gy_xc[c] = 0.0; }
+    for (int t = 0; t < used; t++)
+        for (int64_t c = 0; c < C; c++) { sum_gy[c] += part[(size_t)t * 2 * C + c]; sum_gy_xc[c] += part[(size_t)t * 2 * C + C + c]; }
+    free(part);
+    return 0;
+}
+
+/* ga = c1 * gy + c2 * (a - mean) + c3; grad_v = ga * gate, grad_id = ga * lam,
+ * grad_gate[b, c] = sum_r ga * v, grad_lam[c] = sum_{b, r} ga * id */
+int elanet_mix_backward(const float* restrict v, const float* restrict id, const float* restrict gate,
+                        const float* restrict lam, int64_t B, int64_t R, int64_t C, const float* restrict grad,
+                        const float* restrict mean, const float* restrict keep, const float* restrict c1,
+                        const float* restrict c2, const float* restrict c3, float* restrict grad_v, float* restrict grad_id,
+                        double* restrict grad_gate, double* restrict grad_lam) {
+    const int nt = omp_get_max_threads();
+    const size_t per = (size_t)B * C + C;  /* each thread: [B, C] gate sums, then [C] lam sums */
+    double* part = calloc((size_t)nt * per, sizeof(double));
+    if (!part) return 1;
+    int used = 1;
+    #pragma omp parallel num_threads(nt)
+    {
+        #pragma omp single
+        used = omp_get_num_threads();
+        int64_t lo_row, hi_row;
+        share(B * R, &lo_row, &hi_row);
+        double* pg = part + (size_t)omp_get_thread_num() * per;
+        double* pl = pg + (size_t)B * C;
+        for (int64_t row = lo_row; row < hi_row; row++) {
+            const int64_t b = row / R;
+            const float* gt = gate + b * C;
+            double* sg = pg + b * C;
+            const float k = keep ? keep[b] : 1.0f;
+            const float* vp = v + row * C; const float* ip = id + row * C; const float* gr = grad + row * C;
+            #pragma omp simd
+            for (int64_t c = 0; c < C; c++) {
+                const float a = gt[c] * vp[c] + lam[c] * ip[c], gy = gr[c] * k;
+                const float ga = c1[c] * gy + c2[c] * (a - mean[c]) + c3[c];
+                grad_v[row * C + c] = ga * gt[c];
+                grad_id[row * C + c] = ga * lam[c];
+                sg[c] += (double)(ga * vp[c]); pl[c] += (double)(ga * ip[c]);
+            }
+        }
+    }
+    memset(grad_gate, 0, (size_t)B * C * sizeof(double));
+    for (int64_t c = 0; c < C; c++) grad_lam[c] = 0.0;
+    for (int t = 0; t < used; t++) {
+        const double* p = part + (size_t)t * per;
+        for (int64_t i = 0; i < B * C; i++) grad_gate[i] += p[i];
+        for (int64_t c = 0; c < C; c++) grad_lam[c] += p[(size_t)B * C + c];
+    }
+    free(part);
+    return 0;
+}
