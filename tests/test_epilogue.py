@@ -12,7 +12,7 @@ from torch import nn
 import elanet
 import elanet.kernels as kernels
 from elanet.attention import DropPath
-from elanet.attention.aggregate import LayerMemory
+from elanet.attention.aggregate import LayerMemory, aggregate
 from elanet.attention.epilogue import branch_add, fused_epilogue_ok, gated_branch_add
 
 CAN_BUILD = sys.platform.startswith("linux") and shutil.which("cc") is not None
@@ -157,10 +157,11 @@ def test_model_step_fused_equals_pytorch_ops(use_kernels, name):
 
 
 def test_per_head_retrieval_is_the_channels_last_output_reordered():
+    """The buffer path (float64 here; float32 takes the native kernels) hands over its per-head order on request."""
     torch.manual_seed(0)
     b, c, h, w, heads = 2, 8, 3, 4, 2
-    values = [torch.randn(b, c, h, w).contiguous(memory_format=torch.channels_last).requires_grad_() for _ in range(3)]
-    weights = torch.randn(b, heads, 3).softmax(-1)
+    values = [torch.randn(b, c, h, w, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_() for _ in range(3)]
+    weights = torch.randn(b, heads, 3, dtype=torch.float64).softmax(-1)
     outs = []
     for per_head in (False, True):
         mem = LayerMemory(capacity=3)
@@ -204,3 +205,42 @@ def test_fused_path_only_where_it_applies(case):
     elif case == "float64":
         x, bn = x.double().contiguous(memory_format=torch.channels_last), bn.double()
     assert not fused_epilogue_ok(x, bn)
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="needs Linux and a C compiler")
+@pytest.mark.parametrize("capacity", [4, None])
+def test_native_retrieval_matches_float64_aggregate(use_kernels, capacity):
+    """Channels-last float32 retrievals (values kept in place, one-pass backward) against the float64 reference
+    ``aggregate``: every block's output, every value's and every attention weight's gradient, when only some
+    blocks' outputs reach the loss and with a retained graph run backward twice."""
+    use_kernels(True)
+    torch.manual_seed(0)
+    b, c, h, w, heads, n = 3, 8, 4, 5, 2, 4
+    v64 = [torch.randn(b, c, h, w, dtype=torch.float64) for _ in range(n)]
+    logits64 = [torch.randn(b, heads, t + 1, dtype=torch.float64) for t in range(n)]
+    up64 = [torch.randn(b, c, h, w, dtype=torch.float64) for _ in range(n)]
+    used = [0, 2, 3]  # block 1's output does not reach the loss: its gradient is None
+
+    def run(dtype, native):
+        leaves = [t.detach().to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_() for t in v64]
+        logits = [t.detach().to(dtype).requires_grad_() for t in logits64]
+        mem = LayerMemory(capacity=capacity)
+        outs = []
+        for t in range(n):
+            weights = logits[t].softmax(-1)
+            outs.append(mem.retrieve(weights, leaves[t] * 1.0) if native else aggregate(weights, leaves[: t + 1]))
+        loss = sum((outs[t] * up64[t].to(dtype)).sum() for t in used)
+        inputs = leaves + logits
+        grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
+        again = torch.autograd.grad(loss, inputs, allow_unused=True) if native else grads
+        dense = lambda gs: [torch.zeros_like(x, dtype=torch.float64) if g is None else g.double() for g, x in zip(gs, inputs)]  # noqa: E731
+        return [o.double() for o in outs], dense(grads), dense(again)
+
+    outs, grads, again = run(torch.float32, True)
+    ref_outs, ref_grads, _ = run(torch.float64, False)
+    for o, r in zip(outs, ref_outs):
+        assert o.shape == r.shape
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
+    for g, g2, r in zip(grads, again, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+        assert torch.equal(g, g2)

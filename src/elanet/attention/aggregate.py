@@ -19,9 +19,13 @@ bookkeeping.
 """
 from __future__ import annotations
 
+import ctypes
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from ..kernels import epilogue_lib
 
 __all__ = ["LayerMemory", "aggregate"]
 
@@ -45,7 +49,7 @@ class _Values:
     no reference cycle runs through the graph.
     """
 
-    __slots__ = ("capacity", "buf", "shape", "len", "channels_last")
+    __slots__ = ("capacity", "buf", "shape", "len", "channels_last", "tensors")
 
     def __init__(self, capacity: int | None) -> None:
         self.capacity = capacity
@@ -53,6 +57,16 @@ class _Values:
         self.shape: torch.Size | None = None
         self.len = 0
         self.channels_last = False
+        self.tensors: list[Tensor] | None = None  # the native path keeps the values themselves, uncopied
+
+    def keep(self, value: Tensor) -> None:
+        """Keep ``value`` itself as the next layer (the native kernels read channels-last values in place)."""
+        if self.capacity is not None and self.len >= self.capacity:
+            raise ValueError(f"the memory holds at most {self.capacity} values (its capacity); pass capacity=None to let it grow")
+        if self.tensors is None:
+            self.tensors, self.shape, self.channels_last = [], value.shape, True
+        self.tensors.append(value)
+        self.len += 1
 
     def slot(self, s: int, heads: int) -> Tensor:
         """Slot s as the 5-D per-head view of :func:`_heads`."""
@@ -116,6 +130,8 @@ class LayerMemory:
         Empty for a memory of capacity 1: the only value of a stage is read once and not kept.
         """
         v = self._values
+        if v.tensors is not None:
+            return [t.clone() for t in v.tensors]
         if v.buf is None:
             return []
         heads = v.buf.shape[1] // v.shape[0]
@@ -160,7 +176,14 @@ class LayerMemory:
         if torch.compiler.is_compiling():
             self._traced.append(value)
             return aggregate(weights, self._traced)
+        if self._values.buf is None and _native_ok(weights, value) and not (self._values.capacity == 1 and self._values.len == 0):
+            return self._retrieve_native(weights, value)
         return self._retrieve_autograd(weights, value, per_head)
+
+    @torch.compiler.disable
+    def _retrieve_native(self, weights: Tensor, value: Tensor) -> Tensor:
+        out, self._link = _RetrieveNative.apply(weights, value, self._link, self._values)
+        return out
 
     @torch.compiler.disable
     def _retrieve_autograd(self, weights: Tensor, value: Tensor, per_head: bool) -> Tensor:
@@ -265,6 +288,74 @@ class _Retrieve(torch.autograd.Function):
         if n > 1 and ctx.needs_input_grad[2] and partial is not None:
             grad_link = partial[: n - 1]
         return grad_w, grad_v, grad_link, None, None
+
+
+def _native_ok(weights: Tensor, value: Tensor) -> bool:
+    """Whether the native retrieval kernels apply: eager float32 channels-last CPU values, kernels built."""
+    return (value.device.type == "cpu" and value.dtype == torch.float32 and weights.dtype == torch.float32
+            and value.ndim == 4 and value.is_contiguous(memory_format=torch.channels_last)
+            and epilogue_lib() is not None)
+
+
+def _ptrs(tensors: list[Tensor]) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+
+
+class _RetrieveNative(torch.autograd.Function):
+    """:class:`_Retrieve` for channels-last float32 CPU values, in the native kernels of ``kernels/epilogue.c``.
+
+    The values stay where the value convolution wrote them (no copy into a per-head buffer), the sum
+    is written channels-last in one pass, and backward does in one pass what :class:`_Retrieve` does
+    in three: the earlier values' gradient shares (partial sums ``[n-1, B, H*W*C]``, channels-last), this
+    value's complete gradient, and the products that give the attention weights' gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, weights: Tensor, value: Tensor, link: Tensor | None, values: _Values):  # type: ignore[override]
+        b, heads, n = weights.shape
+        values.keep(value)
+        _, c, h, w = value.shape
+        amap = weights.detach().repeat_interleave(c // heads, dim=1).transpose(1, 2).contiguous()  # [B, n, C]
+        ctx.set_materialize_grads(False)
+        ctx.values, ctx.n, ctx.heads, ctx.amap = values, n, heads, amap
+        ctx.save_for_backward(weights)
+        if n == 1:  # a softmax over one layer is exactly 1: o_1 = v_1
+            out = value.view_as(value)
+        else:
+            out = torch.empty_like(value, memory_format=torch.channels_last)
+            epilogue_lib().elanet_ret_forward(_ptrs(values.tensors[:n]), n, b, h * w, c, amap.data_ptr(), out.data_ptr())
+        link_out = value.new_zeros(()).expand(n, b, value[0].numel())
+        return out, link_out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor | None, partial: Tensor | None):  # type: ignore[override]
+        values, n, heads, amap = ctx.values, ctx.n, ctx.heads, ctx.amap
+        (weights,) = ctx.saved_tensors
+        if grad is None and partial is None:
+            return None, None, None, None
+        b, c, h, w = values.shape
+        g = None if grad is None else grad.contiguous(memory_format=torch.channels_last)
+        first = partial is None
+        if first and n > 1:
+            partial = g.new_empty((n - 1, b, h * w * c))
+        last = partial[n - 1] if partial is not None and partial.shape[0] >= n else None
+        grad_v = torch.empty(values.shape, dtype=torch.float32, memory_format=torch.channels_last)
+        need_w = ctx.needs_input_grad[0] and n > 1 and g is not None
+        ga = torch.empty((b, n, c), dtype=torch.float64) if need_w else None
+        if epilogue_lib().elanet_ret_backward(
+                _ptrs(values.tensors[:n]), n, b, h * w, c, amap.data_ptr(), None if g is None else g.data_ptr(),
+                None if partial is None else partial.data_ptr(), int(first), None if last is None else last.data_ptr(),
+                grad_v.data_ptr(), None if ga is None else ga.data_ptr()):
+            raise MemoryError("the native retrieval could not allocate its per-thread sums")
+        grad_w = None
+        if ctx.needs_input_grad[0]:
+            if ga is None:  # one layer (a softmax over it has a zero Jacobian) or no gradient for the output
+                grad_w = torch.zeros_like(weights)
+            else:
+                grad_w = ga.view(b, n, heads, c // heads).sum(-1).transpose(1, 2).to(weights.dtype)
+        grad_link = partial[: n - 1] if n > 1 and ctx.needs_input_grad[2] and partial is not None else None
+        return grad_w, grad_v if ctx.needs_input_grad[1] else None, grad_link, None
 
 
 def aggregate(weights: Tensor, values: list[Tensor]) -> Tensor:

@@ -46,7 +46,20 @@ _SIGNATURES = {
     "elanet_mix_forward": (None, [_PTR] * 4 + [_I64] * 3 + [_PTR] * 5),
     "elanet_mix_backward_sums": (_INT, [_PTR] * 4 + [_I64] * 3 + [_PTR] * 5),
     "elanet_mix_backward": (_INT, [_PTR] * 4 + [_I64] * 3 + [_PTR] * 10),
+    # MRLA-B / ELA retrieval: values (pointer array), n, B, R, C, ...
+    "elanet_ret_forward": (None, [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR]),
+    "elanet_ret_backward": (_INT, [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _INT, _PTR, _PTR, _PTR]),
 }
+
+
+def _cpu_flags() -> list[str]:
+    """``-mavx2`` where this x86 CPU has it (twice the vector width of the baseline SSE2); named
+    explicitly rather than ``-march=native`` so that the cache key tells CPUs apart."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    return ["-mavx2"] if " avx2" in info and os.uname().machine == "x86_64" else []
 
 
 def _build() -> ctypes.CDLL:
@@ -55,17 +68,18 @@ def _build() -> ctypes.CDLL:
     gomp = Path(torch.__file__).parent / "lib" / "libgomp.so.1"
     if not gomp.is_file():
         raise RuntimeError(f"this PyTorch has no {gomp.name} to share its thread pool with")
+    flags = _FLAGS + _cpu_flags()
     cc = os.environ.get("CC") or "cc"
     if shutil.which(cc) is None:
         raise RuntimeError(f"no C compiler {cc!r} on PATH (set CC, or install gcc)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout.splitlines()[:1]
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), *_FLAGS, cc, *version, str(gomp)]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([_SOURCE.read_text(), *flags, cc, *version, str(gomp)]).encode()).hexdigest()[:16]
     target = default_cache_dir() / "kernels" / f"epilogue-{key}.so"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
-        cmd = [cc, *_FLAGS, str(_SOURCE), "-o", tmp, f"-L{gomp.parent}", "-l:libgomp.so.1", f"-Wl,-rpath,{gomp.parent}"]
+        cmd = [cc, *flags, str(_SOURCE), "-o", tmp, f"-L{gomp.parent}", "-l:libgomp.so.1", f"-Wl,-rpath,{gomp.parent}"]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             os.unlink(tmp)

@@ -12,8 +12,9 @@
  * [B, C, H, W] tensor (G = 1, d = C) both fit.
  *
  * Threads are OpenMP's, from the libgomp torch itself runs on, so torch.set_num_threads applies.
- * Reductions are deterministic for a given thread count: each thread sums its static share of rows
- * into its own slot and the slots are added in thread order.
+ * Reductions sum in float over at most FLUSH_ROWS rows, then in double; they are deterministic for a
+ * given thread count: each thread sums its static share of rows into its own slot and the slots are
+ * added in thread order.
  */
 #include <math.h>
 #include <stdint.h>
@@ -21,6 +22,12 @@
 #include <string.h>
 #include <omp.h>
 
+
+#define FLUSH_ROWS 32  /* float partial sums over at most this many rows, then added into double */
+
+static void flush(double* restrict dst, float* restrict src, int64_t n) {
+    for (int64_t i = 0; i < n; i++) { dst[i] += src[i]; src[i] = 0.0f; }
+}
 
 static void share(int64_t n, int64_t* lo, int64_t* hi) {
     int nt = omp_get_num_threads(), t = omp_get_thread_num();
@@ -43,17 +50,22 @@ int elanet_epi_stats(const float* restrict a, int64_t B, int64_t G, int64_t R, i
         used = omp_get_num_threads();
         int64_t lo_row, hi_row;
         share(B * R, &lo_row, &hi_row);
-        double* s = part + (size_t)omp_get_thread_num() * 2 * C;
-        double* q = s + C;
+        double* mine = part + (size_t)omp_get_thread_num() * 2 * C;
+        float* s = calloc(2 * C, sizeof(float));
+        float* q = s + C;
+        int count = 0;
         for (int64_t row = lo_row; row < hi_row; row++) {
             const int64_t b = row / R, r = row % R;
             for (int64_t g = 0; g < G; g++) {
                 const float* p = a + b * sb + g * sg + r * sr;
-                double* sgp = s + g * d; double* qgp = q + g * d;
+                float* sgp = s + g * d; float* qgp = q + g * d;
                 #pragma omp simd
-                for (int64_t j = 0; j < d; j++) { const float v = p[j]; sgp[j] += v; qgp[j] += (double)(v * v); }
+                for (int64_t j = 0; j < d; j++) { const float v = p[j]; sgp[j] += v; qgp[j] += v * v; }
             }
+            if (++count == FLUSH_ROWS) { flush(mine, s, 2 * C); count = 0; }
         }
+        flush(mine, s, 2 * C);
+        free(s);
     }
     for (int64_t c = 0; c < C; c++) { sum[c] = 0.0; sumsq[c] = 0.0; }
     for (int t = 0; t < used; t++)
@@ -106,8 +118,10 @@ int elanet_epi_backward_sums(const float* restrict a, int64_t B, int64_t G, int6
         used = omp_get_num_threads();
         int64_t lo_row, hi_row;
         share(B * R, &lo_row, &hi_row);
-        double* s = part + (size_t)omp_get_thread_num() * 2 * C;
-        double* q = s + C;
+        double* mine = part + (size_t)omp_get_thread_num() * 2 * C;
+        float* s = calloc(2 * C, sizeof(float));
+        float* q = s + C;
+        int count = 0;
         for (int64_t row = lo_row; row < hi_row; row++) {
             const int64_t b = row / R, r = row % R;
             const float k = keep ? keep[b] : 1.0f;
@@ -115,15 +129,18 @@ int elanet_epi_backward_sums(const float* restrict a, int64_t B, int64_t G, int6
                 const float* p = a + b * sb + g * sg + r * sr;
                 const float* sc = scale + g * d; const float* sh = shift + g * d; const float* mu = mean + g * d;
                 const float* gr = grad + row * C + g * d;
-                double* sgp = s + g * d; double* qgp = q + g * d;
+                float* sgp = s + g * d; float* qgp = q + g * d;
                 #pragma omp simd
                 for (int64_t j = 0; j < d; j++) {
                     const float v = p[j], g0 = gr[j] * k;
                     const float gy = v * sc[j] + sh[j] > floor_ ? g0 : 0.0f;
-                    sgp[j] += gy; qgp[j] += (double)(gy * (v - mu[j]));
+                    sgp[j] += gy; qgp[j] += gy * (v - mu[j]);
                 }
             }
+            if (++count == FLUSH_ROWS) { flush(mine, s, 2 * C); count = 0; }
         }
+        flush(mine, s, 2 * C);
+        free(s);
     }
     for (int64_t c = 0; c < C; c++) { sum_gy[c] = 0.0; sum_gy_xc[c] = 0.0; }
     for (int t = 0; t < used; t++)
@@ -178,14 +195,19 @@ int elanet_mix_stats(const float* restrict v, const float* restrict id, const fl
         used = omp_get_num_threads();
         int64_t lo_row, hi_row;
         share(B * R, &lo_row, &hi_row);
-        double* s = part + (size_t)omp_get_thread_num() * 2 * C;
-        double* q = s + C;
+        double* mine = part + (size_t)omp_get_thread_num() * 2 * C;
+        float* s = calloc(2 * C, sizeof(float));
+        float* q = s + C;
+        int count = 0;
         for (int64_t row = lo_row; row < hi_row; row++) {
             const float* gt = gate + (row / R) * C;
             const float* vp = v + row * C; const float* ip = id + row * C;
             #pragma omp simd
-            for (int64_t c = 0; c < C; c++) { const float a = gt[c] * vp[c] + lam[c] * ip[c]; s[c] += a; q[c] += (double)(a * a); }
+            for (int64_t c = 0; c < C; c++) { const float a = gt[c] * vp[c] + lam[c] * ip[c]; s[c] += a; q[c] += a * a; }
+            if (++count == FLUSH_ROWS) { flush(mine, s, 2 * C); count = 0; }
         }
+        flush(mine, s, 2 * C);
+        free(s);
     }
     for (int64_t c = 0; c < C; c++) { sum[c] = 0.0; sumsq[c] = 0.0; }
     for (int t = 0; t < used; t++)
@@ -227,8 +249,10 @@ int elanet_mix_backward_sums(const float* restrict v, const float* restrict id, 
         used = omp_get_num_threads();
         int64_t lo_row, hi_row;
         share(B * R, &lo_row, &hi_row);
-        double* s = part + (size_t)omp_get_thread_num() * 2 * C;
-        double* q = s + C;
+        double* mine = part + (size_t)omp_get_thread_num() * 2 * C;
+        float* s = calloc(2 * C, sizeof(float));
+        float* q = s + C;
+        int count = 0;
         for (int64_t row = lo_row; row < hi_row; row++) {
             const int64_t b = row / R;
             const float* gt = gate + b * C;
@@ -237,9 +261,12 @@ int elanet_mix_backward_sums(const float* restrict v, const float* restrict id, 
             #pragma omp simd
             for (int64_t c = 0; c < C; c++) {
                 const float a = gt[c] * vp[c] + lam[c] * ip[c], gy = gr[c] * k;
-                s[c] += gy; q[c] += (double)(gy * (a - mean[c]));
+                s[c] += gy; q[c] += gy * (a - mean[c]);
             }
+            if (++count == FLUSH_ROWS) { flush(mine, s, 2 * C); count = 0; }
         }
+        flush(mine, s, 2 * C);
+        free(s);
     }
     for (int64_t c = 0; c < C; c++) { sum_gy[c] = 0.0; sum_gy_xc[c] = 0.0; }
     for (int t = 0; t < used; t++)
@@ -268,21 +295,29 @@ int elanet_mix_backward(const float* restrict v, const float* restrict id, const
         share(B * R, &lo_row, &hi_row);
         double* pg = part + (size_t)omp_get_thread_num() * per;
         double* pl = pg + (size_t)B * C;
+        float* fg = calloc(2 * C, sizeof(float));  /* this sample's gate sums, and lambda's */
+        float* fl = fg + C;
+        int count = 0;
+        int64_t cur = lo_row < hi_row ? lo_row / R : 0;
         for (int64_t row = lo_row; row < hi_row; row++) {
             const int64_t b = row / R;
+            if (b != cur || count == FLUSH_ROWS) { flush(pg + cur * C, fg, C); flush(pl, fl, C); cur = b; count = 0; }
+            count++;
             const float* gt = gate + b * C;
-            double* sg = pg + b * C;
             const float k = keep ? keep[b] : 1.0f;
             const float* vp = v + row * C; const float* ip = id + row * C; const float* gr = grad + row * C;
+            float* gvp = grad_v + row * C; float* gip = grad_id + row * C;
             #pragma omp simd
             for (int64_t c = 0; c < C; c++) {
                 const float a = gt[c] * vp[c] + lam[c] * ip[c], gy = gr[c] * k;
                 const float ga = c1[c] * gy + c2[c] * (a - mean[c]) + c3[c];
-                grad_v[row * C + c] = ga * gt[c];
-                grad_id[row * C + c] = ga * lam[c];
-                sg[c] += (double)(ga * vp[c]); pl[c] += (double)(ga * ip[c]);
+                gvp[c] = ga * gt[c];
+                gip[c] = ga * lam[c];
+                fg[c] += ga * vp[c]; fl[c] += ga * ip[c];
             }
         }
+        if (lo_row < hi_row) { flush(pg + cur * C, fg, C); flush(pl, fl, C); }
+        free(fg);
     }
     memset(grad_gate, 0, (size_t)B * C * sizeof(double));
     for (int64_t c = 0; c < C; c++) grad_lam[c] = 0.0;
@@ -292,5 +327,106 @@ int elanet_mix_backward(const float* restrict v, const float* restrict id, const
         for (int64_t c = 0; c < C; c++) grad_lam[c] += p[(size_t)B * C + c];
     }
     free(part);
+    return 0;
+}
+
+/* ---- MRLA-B / ELA retrieval (paper eq. 5) on channels-last values, kept where the value convolution wrote them ----
+ * values[s] is [B, R, C] contiguous (s < n); A is alpha expanded per channel, [B, n, C] (A[b, s, c] = alpha[b, c / d, s]).
+ * out[b, r, c] = sum_s A[b, s, c] * values[s][b, r, c] */
+void elanet_ret_forward(const float* const* values, int64_t n, int64_t B, int64_t R, int64_t C, const float* restrict A,
+                        float* restrict out) {
+    #pragma omp parallel
+    {
+        int64_t lo_row, hi_row;
+        share(B * R, &lo_row, &hi_row);
+        for (int64_t row = lo_row; row < hi_row; row++) {
+            const float* Ab = A + (row / R) * n * C;
+            float* o = out + row * C;
+            const float* v0 = values[0] + row * C;
+            #pragma omp simd
+            for (int64_t c = 0; c < C; c++) o[c] = Ab[c] * v0[c];
+            for (int64_t s = 1; s < n; s++) {
+                const float* vs = values[s] + row * C; const float* As = Ab + s * C;
+                #pragma omp simd
+                for (int64_t c = 0; c < C; c++) o[c] += As[c] * vs[c];
+            }
+        }
+    }
+}
+
+/* Backward of block n's retrieval, in one pass over the rows:
+ *   partial[s] (+)= A[:, s] * g for s < n - 1 (written when first, else accumulated): the earlier values' gradient shares;
+ *   grad_v = partial[n - 1] + A[:, n - 1] * g (partial_last may be NULL: no later block read this value);
+ *   GA[b, s, c] = sum_r g * values[s] (the caller sums each head's channels into d alpha[b, head, s]).
+ * partial is [n - 1, B, R, C] contiguous; with g NULL only grad_v = partial_last is formed. */
+int elanet_ret_backward(const float* const* values, int64_t n, int64_t B, int64_t R, int64_t C, const float* restrict A,
+                        const float* restrict g, float* restrict partial, int first, const float* restrict partial_last,
+                        float* restrict grad_v, double* restrict GA) {
+    const int nt = omp_get_max_threads();
+    const size_t per = (size_t)B * n * C;
+    double* part = GA ? calloc((size_t)nt * per, sizeof(double)) : NULL;
+    if (GA && !part) return 1;
+    int used = 1;
+    const int64_t plane = B * R * C;
+    #pragma omp parallel num_threads(nt)
+    {
+        #pragma omp single
+        used = omp_get_num_threads();
+        int64_t lo_row, hi_row;
+        share(B * R, &lo_row, &hi_row);
+        double* mine = part ? part + (size_t)omp_get_thread_num() * per : NULL;
+        float* fa = mine ? calloc(n * C, sizeof(float)) : NULL;  /* this sample's products, flushed into mine */
+        int count = 0;
+        int64_t cur = lo_row < hi_row ? lo_row / R : 0;
+        for (int64_t row = lo_row; row < hi_row; row++) {
+            const int64_t b = row / R;
+            if (fa && (b != cur || count == FLUSH_ROWS)) { flush(mine + cur * n * C, fa, n * C); cur = b; count = 0; }
+            count++;
+            const float* Ab = A + b * n * C;
+            const float* gr = g ? g + row * C : NULL;
+            float* gv = grad_v + row * C;
+            const float* pl = partial_last ? partial_last + row * C : NULL;
+            if (gr) {
+                for (int64_t s = 0; s + 1 < n; s++) {
+                    float* p = partial + s * plane + row * C; const float* As = Ab + s * C;
+                    if (first) {
+                        #pragma omp simd
+                        for (int64_t c = 0; c < C; c++) p[c] = As[c] * gr[c];
+                    } else {
+                        #pragma omp simd
+                        for (int64_t c = 0; c < C; c++) p[c] += As[c] * gr[c];
+                    }
+                }
+                const float* Al = Ab + (n - 1) * C;
+                if (pl) {
+                    #pragma omp simd
+                    for (int64_t c = 0; c < C; c++) gv[c] = pl[c] + Al[c] * gr[c];
+                } else {
+                    #pragma omp simd
+                    for (int64_t c = 0; c < C; c++) gv[c] = Al[c] * gr[c];
+                }
+                if (fa) {
+                    for (int64_t s = 0; s < n; s++) {
+                        const float* vs = values[s] + row * C; float* m = fa + s * C;
+                        #pragma omp simd
+                        for (int64_t c = 0; c < C; c++) m[c] += gr[c] * vs[c];
+                    }
+                }
+            } else if (pl) {
+                #pragma omp simd
+                for (int64_t c = 0; c < C; c++) gv[c] = pl[c];
+            }
+        }
+        if (fa) {
+            if (lo_row < hi_row) flush(mine + cur * n * C, fa, n * C);
+            free(fa);
+        }
+    }
+    if (GA) {
+        memset(GA, 0, per * sizeof(double));
+        for (int t = 0; t < used; t++)
+            for (size_t i = 0; i < per; i++) GA[i] += part[(size_t)t * per + i];
+        free(part);
+    }
     return 0;
 }
