@@ -244,3 +244,22 @@ def test_native_retrieval_matches_float64_aggregate(use_kernels, capacity):
     for g, g2, r in zip(grads, again, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
         assert torch.equal(g, g2)
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="needs Linux and a C compiler")
+def test_native_retrieval_keeps_no_graph_alive(use_kernels):
+    """The values the native path keeps hold no autograd history: once a step's outputs are gone, its
+    values, graph and buffers are freed (a reference cycle through the graph leaked ~0.7 GB per
+    ResNet-110 step)."""
+    import gc
+    import weakref
+
+    use_kernels(True)
+    model = elanet.create_model("resnet20_mrla_b").to(memory_format=torch.channels_last).train()
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    seen = []
+    hook = model.layer1[1].attn.conv_v.register_forward_hook(lambda mod, inp, out: seen.append(weakref.ref(out)))
+    model(x).square().mean().backward()
+    hook.remove()
+    gc.collect()
+    assert seen and seen[0]() is None

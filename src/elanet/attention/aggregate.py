@@ -65,7 +65,7 @@ class _Values:
             raise ValueError(f"the memory holds at most {self.capacity} values (its capacity); pass capacity=None to let it grow")
         if self.tensors is None:
             self.tensors, self.shape, self.channels_last = [], value.shape, True
-        self.tensors.append(value)
+        self.tensors.append(value.detach())  # the same memory without its graph: no reference cycle through autograd
         self.len += 1
 
     def slot(self, s: int, heads: int) -> Tensor:
