@@ -42,13 +42,12 @@ def test_kernels_build_where_a_compiler_exists(use_kernels):
 
 @pytest.mark.skipif(not CAN_BUILD, reason="needs Linux and a C compiler")
 @pytest.mark.parametrize("relu", [True, False])
-@pytest.mark.parametrize("per_head", [True, False])
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_fused_epilogue_matches_float64(use_kernels, relu, per_head, momentum):
+def test_fused_epilogue_matches_float64(use_kernels, relu, momentum):
     """Output, every gradient and the running statistics agree with float64 BN/ReLU/DropPath, at least as
     closely as PyTorch's own float32 operators do."""
     torch.manual_seed(0)
-    b, c, h, w, heads = 6, 16, 5, 3, 2
+    b, c, h, w = 6, 16, 5, 3
     a64, x64, up64 = (torch.randn(b, c, h, w, dtype=torch.float64) * s + o for s, o in ((1.5, 0.2), (1, 0), (1, 0)))
     bn = nn.BatchNorm2d(c, momentum=momentum)
     bn.weight.data.uniform_(0.5, 1.5)
@@ -60,17 +59,14 @@ def test_fused_epilogue_matches_float64(use_kernels, relu, per_head, momentum):
         use_kernels(fused)
         norm = copy.deepcopy(bn).to(dtype)
         norm.num_batches_tracked.fill_(3)
-        a = a64.to(dtype).contiguous(memory_format=torch.channels_last)
-        if per_head:  # the stage's per-head order [B, heads, H, W, d]
-            a = a.unflatten(1, (heads, c // heads)).permute(0, 1, 3, 4, 2).contiguous()
-        a.requires_grad_()
+        a = a64.to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
         x = x64.to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
         assert fused_epilogue_ok(x, norm) == fused
         torch.manual_seed(5)  # the same DropPath draw in every run
         out = branch_add(x, a, norm, drop, relu=relu)
         assert out.is_contiguous(memory_format=torch.channels_last)
         out.backward(up64.to(dtype).contiguous(memory_format=torch.channels_last))
-        grad_a = a.grad.permute(0, 1, 4, 2, 3).flatten(1, 2) if per_head else a.grad
+        grad_a = a.grad
         assert norm.num_batches_tracked.item() == 4
         return [t.double() for t in (out, grad_a, x.grad, norm.weight.grad, norm.bias.grad, norm.running_mean, norm.running_var)]
 
@@ -154,27 +150,6 @@ def test_model_step_fused_equals_pytorch_ops(use_kernels, name):
     assert grad_err(fused) <= max(4 * grad_err(eager), 1e-5)
     buf_err = lambda r: max((b - w).abs().max().item() for b, w in zip(r[2], ref[2]))  # noqa: E731
     assert buf_err(fused) <= max(4 * buf_err(eager), 1e-5)
-
-
-def test_per_head_retrieval_is_the_channels_last_output_reordered():
-    """The buffer path (float64 here; float32 takes the native kernels) hands over its per-head order on request."""
-    torch.manual_seed(0)
-    b, c, h, w, heads = 2, 8, 3, 4, 2
-    values = [torch.randn(b, c, h, w, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_() for _ in range(3)]
-    weights = torch.randn(b, heads, 3, dtype=torch.float64).softmax(-1)
-    outs = []
-    for per_head in (False, True):
-        mem = LayerMemory(capacity=3)
-        for t, v in enumerate(values):
-            out = mem.retrieve(weights[..., : t + 1].softmax(-1), v, per_head=per_head)
-        outs.append(out)
-    plain, per_head = outs
-    assert per_head.shape == (b, heads, h, w, c // heads) and per_head.is_contiguous()
-    torch.testing.assert_close(per_head, plain.unflatten(1, (heads, -1)).permute(0, 1, 3, 4, 2), rtol=0, atol=0)
-    # and gradients flow back to every value in that order too
-    (gv,) = torch.autograd.grad(per_head.sum(), [values[0]])
-    (gw,) = torch.autograd.grad(plain.sum(), [values[0]])
-    torch.testing.assert_close(gv, gw)
 
 
 def test_kernels_off_and_unbuildable_fall_back_to_pytorch_ops(monkeypatch, tmp_path):

@@ -143,7 +143,7 @@ class LayerMemory:
             outs.append(out)
         return outs
 
-    def retrieve(self, weights: Tensor, value: Tensor, *, per_head: bool = False) -> Tensor:
+    def retrieve(self, weights: Tensor, value: Tensor) -> Tensor:
         """Store ``value`` as the newest layer, then aggregate all stored values (paper eq. 5).
 
         Three paths compute the same sum: with gradients, the custom autograd below (eagerly; under
@@ -156,14 +156,10 @@ class LayerMemory:
                 softmax over the layers. With one layer it is constantly 1, so no gradient reaches it.
             value: ``[B, C, H, W]`` value of the current layer, NCHW or channels-last; channels split
                 contiguously into heads.
-            per_head: with gradients, eagerly and channels-last, return the sum in the buffer's
-                per-head order ``[B, heads, H, W, d]`` instead of writing it out channels-last (and take
-                its gradient in that order): for a consumer that reads that order directly, the fused
-                epilogue of ``attention/epilogue.py``. Ignored elsewhere.
 
         Returns:
-            ``[B, C, H, W]`` in the layout of the stored values (or ``[B, heads, H, W, d]``, see
-            ``per_head``): for head h, ``sum_s weights[:, h, s] * v_s[:, h-th channel group]``.
+            ``[B, C, H, W]`` in the layout of the stored values: for head h,
+            ``sum_s weights[:, h, s] * v_s[:, h-th channel group]``.
         """
         if weights.shape[-1] != len(self) + 1:
             raise ValueError(f"got {weights.shape[-1]} attention weights for {len(self) + 1} values (stored + new)")
@@ -178,7 +174,7 @@ class LayerMemory:
             return aggregate(weights, self._traced)
         if self._values.buf is None and _native_ok(weights, value) and not (self._values.capacity == 1 and self._values.len == 0):
             return self._retrieve_native(weights, value)
-        return self._retrieve_autograd(weights, value, per_head)
+        return self._retrieve_autograd(weights, value)
 
     @torch.compiler.disable
     def _retrieve_native(self, weights: Tensor, value: Tensor) -> Tensor:
@@ -186,8 +182,8 @@ class LayerMemory:
         return out
 
     @torch.compiler.disable
-    def _retrieve_autograd(self, weights: Tensor, value: Tensor, per_head: bool) -> Tensor:
-        out, self._link = _Retrieve.apply(weights, value, self._link, self._values, per_head)
+    def _retrieve_autograd(self, weights: Tensor, value: Tensor) -> Tensor:
+        out, self._link = _Retrieve.apply(weights, value, self._link, self._values)
         return out
 
     # --- inference path: no autograd, plain tensor ops, so torch.export / ONNX can trace it -------------
@@ -219,7 +215,7 @@ class _Retrieve(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weights: Tensor, value: Tensor, link: Tensor | None, values: _Values, per_head: bool):  # type: ignore[override]
+    def forward(ctx, weights: Tensor, value: Tensor, link: Tensor | None, values: _Values):  # type: ignore[override]
         b, heads, n = weights.shape
         values.store(value, heads)
         ctx.set_materialize_grads(False)
@@ -230,9 +226,7 @@ class _Retrieve(torch.autograd.Function):
         else:
             stacked = _per_head(values.buf, n)  # [B*heads, n, X]
             o = torch.bmm(weights.reshape(b * heads, 1, n).to(stacked.dtype), stacked)  # [B*heads, 1, X]
-            if values.channels_last and per_head:  # the consumer reads the per-head order itself
-                out = o.view(values.slot(0, heads).shape)
-            elif values.channels_last:  # written once, into the value's layout
+            if values.channels_last:  # written once, into the value's layout
                 out = torch.empty_like(value, memory_format=torch.channels_last)
                 _heads(out, heads, True).copy_(o.view(values.slot(0, heads).shape))
             else:
@@ -250,14 +244,12 @@ class _Retrieve(torch.autograd.Function):
         if values.buf is None:  # the lone value: out = value, and the weight is constantly 1
             if ctx.needs_input_grad[0]:
                 grad_w = torch.zeros_like(weights)
-            return grad_w, grad, None, None, None
+            return grad_w, grad, None, None
         if grad is None and partial is None:
-            return None, None, None, None, None
+            return None, None, None, None
         cl = values.channels_last
         shape5 = values.slot(0, heads).shape  # a slot as [B, heads, ...]
-        if grad is not None and grad.ndim == 4:
-            grad = _heads(grad, heads, cl)  # per-head view; a 5-D gradient is in that order already
-        g = None if grad is None else grad.contiguous().view(b * heads, 1, -1)  # buffer order
+        g = None if grad is None else _heads(grad, heads, cl).contiguous().view(b * heads, 1, -1)  # buffer order
         if ctx.needs_input_grad[0]:
             if n == 1 or g is None:  # a softmax over one layer has a zero Jacobian: no product needed
                 grad_w = torch.zeros_like(weights)
@@ -274,7 +266,7 @@ class _Retrieve(torch.autograd.Function):
         # slot n-1 now has every contribution: later blocks ran first (they consumed ``link``)
         if ctx.needs_input_grad[1]:
             if not cl:
-                grad_v = partial[n - 1].view(values.shape)
+                grad_v = partial[n - 1].view(grad.shape if grad is not None else values.shape)
             else:
                 grad_v = torch.empty(values.shape, dtype=(g if g is not None else partial).dtype, device=weights.device,
                                      memory_format=torch.channels_last)
@@ -287,7 +279,7 @@ class _Retrieve(torch.autograd.Function):
                     torch.addcmul(partial[n - 1].view(shape5), g.view(shape5), w[n - 1].view(b, heads, 1, 1, 1), out=dst)
         if n > 1 and ctx.needs_input_grad[2] and partial is not None:
             grad_link = partial[: n - 1]
-        return grad_w, grad_v, grad_link, None, None
+        return grad_w, grad_v, grad_link, None
 
 
 def _native_ok(weights: Tensor, value: Tensor) -> bool:

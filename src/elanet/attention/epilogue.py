@@ -6,9 +6,7 @@ PyTorch reads and writes a value-sized tensor about nine times forward and ten t
 BatchNorm's statistics and normalisation, the in-place ReLU and DropPath's multiply-add. The native
 kernel (``kernels/epilogue.c``) reads ``a`` once for the statistics and once with ``x`` to write the
 output; backward reads the gradient and ``a`` once for BatchNorm's two reductions and once more to
-write ``a``'s gradient. It also reads ``a`` in the stage's per-head order ``[B, heads, H, W, d]`` and
-writes its gradient in that order, so the retrieval's channels-last output and gradient copies go
-away (``LayerMemory.retrieve(per_head=True)``).
+write ``a``'s gradient.
 
 :func:`branch_add` takes the fused path when training on CPU in float32 with channels-last
 tensors and the kernel is available, and the PyTorch operators otherwise (NCHW, inference and
@@ -28,11 +26,8 @@ __all__ = ["branch_add", "fused_epilogue_ok", "gated_branch_add"]
 
 
 def _geometry(a: Tensor) -> tuple[int, ...] | None:
-    """``(B, G, R, d, sb, sg, sr)`` of the kernel's view of ``a`` (see epilogue.c), or None if it has none."""
-    if a.ndim == 5 and a.is_contiguous():  # [B, heads, H, W, d]: the stage's per-head order
-        b, g, h, w, d = a.shape
-        return b, g, h * w, d, a.stride(0), a.stride(1), d
-    if a.ndim == 4 and a.is_contiguous(memory_format=torch.channels_last):  # [B, C, H, W] channels-last
+    """``(B, G, R, d, sb, sg, sr)`` of the kernel's view of a channels-last ``a`` (see epilogue.c), else None."""
+    if a.ndim == 4 and a.is_contiguous(memory_format=torch.channels_last):
         b, c, h, w = a.shape
         return b, 1, h * w, c, a.stride(0), 0, c
     return None
@@ -185,19 +180,12 @@ def branch_add(x: Tensor, a: Tensor, bn: nn.BatchNorm2d, drop_path: nn.Module, *
 
     Args:
         x: the block output ``[B, C, H, W]`` the branch is added to.
-        a: the branch before its norm: ``[B, C, H, W]``, or the stage's per-head order
-            ``[B, heads, H, W, d]`` that ``LayerMemory.retrieve(per_head=True)`` returns (only where
-            :func:`fused_epilogue_ok` holds).
+        a: the branch before its norm, ``[B, C, H, W]``.
         bn: the branch's ``BatchNorm2d``.
         drop_path: the branch's :class:`~elanet.attention.mrla.DropPath`.
     """
     if _geometry(a) is not None and fused_epilogue_ok(x, bn):
         keep = drop_path.sample_scale(x)
         return _Epilogue.apply(a, x, bn.weight, bn.bias, bn, None if keep is None else keep.view(-1), relu)
-    if a.ndim == 5:  # per-head order without the fused kernel: back to [B, C, H, W] channels-last
-        b, g, h, w, d = a.shape
-        flat = torch.empty((b, g * d, h, w), dtype=a.dtype, device=a.device, memory_format=torch.channels_last)
-        flat.unflatten(1, (g, d)).permute(0, 1, 3, 4, 2).copy_(a)
-        a = flat
     y = bn(a)
     return drop_path.add(x, F.relu(y, inplace=True) if relu else y)

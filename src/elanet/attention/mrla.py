@@ -128,8 +128,7 @@ class MRLABase(_QKV):
         attn = logits.softmax(dim=-1)  # [B, heads, n]: a distribution over the active layers
         if self.recorder is not None:
             self.recorder.add(self.block_index, self.stage_index, attn)
-        fused = fused_epilogue_ok(x, self.bn)  # then the retrieval hands over its per-head order, uncopied
-        out = memory.retrieve(attn, self.conv_v(x), per_head=fused)  # stores v_t, returns sum_s alpha_s v_s
+        out = memory.retrieve(attn, self.conv_v(x))  # stores v_t, returns sum_s alpha_s v_s
         return branch_add(x, out, self.bn, self.drop_path, relu=True)
 
     @torch.no_grad()

@@ -19,7 +19,6 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 #include <omp.h>
 
 
@@ -27,6 +26,13 @@
 
 static void flush(double* restrict dst, float* restrict src, int64_t n) {
     for (int64_t i = 0; i < n; i++) { dst[i] += src[i]; src[i] = 0.0f; }
+}
+
+/* out[i] = sum over threads t < used of part[t * per + i], i < n: the per-thread sums in thread order */
+static void add_parts(double* restrict out, const double* restrict part, int used, size_t per, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] = 0.0;
+    for (int t = 0; t < used; t++)
+        for (int64_t i = 0; i < n; i++) out[i] += part[(size_t)t * per + i];
 }
 
 static void share(int64_t n, int64_t* lo, int64_t* hi) {
@@ -67,9 +73,8 @@ int elanet_epi_stats(const float* restrict a, int64_t B, int64_t G, int64_t R, i
         flush(mine, s, 2 * C);
         free(s);
     }
-    for (int64_t c = 0; c < C; c++) { sum[c] = 0.0; sumsq[c] = 0.0; }
-    for (int t = 0; t < used; t++)
-        for (int64_t c = 0; c < C; c++) { sum[c] += part[(size_t)t * 2 * C + c]; sumsq[c] += part[(size_t)t * 2 * C + C + c]; }
+    add_parts(sum, part, used, 2 * C, C);
+    add_parts(sumsq, part + C, used, 2 * C, C);
     free(part);
     return 0;
 }
@@ -142,9 +147,8 @@ int elanet_epi_backward_sums(const float* restrict a, int64_t B, int64_t G, int6
         flush(mine, s, 2 * C);
         free(s);
     }
-    for (int64_t c = 0; c < C; c++) { sum_gy[c] = 0.0; sum_gy_xc[c] = 0.0; }
-    for (int t = 0; t < used; t++)
-        for (int64_t c = 0; c < C; c++) { sum_gy[c] += part[(size_t)t * 2 * C + c]; sum_gy_xc[c] += part[(size_t)t * 2 * C + C + c]; }
+    add_parts(sum_gy, part, used, 2 * C, C);
+    add_parts(sum_gy_xc, part + C, used, 2 * C, C);
     free(part);
     return 0;
 }
@@ -209,9 +213,8 @@ int elanet_mix_stats(const float* restrict v, const float* restrict id, const fl
         flush(mine, s, 2 * C);
         free(s);
     }
-    for (int64_t c = 0; c < C; c++) { sum[c] = 0.0; sumsq[c] = 0.0; }
-    for (int t = 0; t < used; t++)
-        for (int64_t c = 0; c < C; c++) { sum[c] += part[(size_t)t * 2 * C + c]; sumsq[c] += part[(size_t)t * 2 * C + C + c]; }
+    add_parts(sum, part, used, 2 * C, C);
+    add_parts(sumsq, part + C, used, 2 * C, C);
     free(part);
     return 0;
 }
@@ -268,9 +271,8 @@ int elanet_mix_backward_sums(const float* restrict v, const float* restrict id, 
         flush(mine, s, 2 * C);
         free(s);
     }
-    for (int64_t c = 0; c < C; c++) { sum_gy[c] = 0.0; sum_gy_xc[c] = 0.0; }
-    for (int t = 0; t < used; t++)
-        for (int64_t c = 0; c < C; c++) { sum_gy[c] += part[(size_t)t * 2 * C + c]; sum_gy_xc[c] += part[(size_t)t * 2 * C + C + c]; }
+    add_parts(sum_gy, part, used, 2 * C, C);
+    add_parts(sum_gy_xc, part + C, used, 2 * C, C);
     free(part);
     return 0;
 }
@@ -319,13 +321,8 @@ int elanet_mix_backward(const float* restrict v, const float* restrict id, const
         if (lo_row < hi_row) { flush(pg + cur * C, fg, C); flush(pl, fl, C); }
         free(fg);
     }
-    memset(grad_gate, 0, (size_t)B * C * sizeof(double));
-    for (int64_t c = 0; c < C; c++) grad_lam[c] = 0.0;
-    for (int t = 0; t < used; t++) {
-        const double* p = part + (size_t)t * per;
-        for (int64_t i = 0; i < B * C; i++) grad_gate[i] += p[i];
-        for (int64_t c = 0; c < C; c++) grad_lam[c] += p[(size_t)B * C + c];
-    }
+    add_parts(grad_gate, part, used, per, B * C);
+    add_parts(grad_lam, part + (size_t)B * C, used, per, C);
     free(part);
     return 0;
 }
@@ -423,9 +420,7 @@ int elanet_ret_backward(const float* const* values, int64_t n, int64_t B, int64_
         }
     }
     if (GA) {
-        memset(GA, 0, per * sizeof(double));
-        for (int t = 0; t < used; t++)
-            for (size_t i = 0; i < per; i++) GA[i] += part[(size_t)t * per + i];
+        add_parts(GA, part, used, per, (int64_t)per);
         free(part);
     }
     return 0;
