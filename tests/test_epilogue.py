@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import copy
-import shutil
-import sys
 
 import pytest
 import torch
@@ -15,23 +13,7 @@ from elanet.attention import DropPath
 from elanet.attention.aggregate import LayerMemory, aggregate
 from elanet.attention.epilogue import branch_add, fused_epilogue_ok, gated_branch_add
 
-CAN_BUILD = sys.platform.startswith("linux") and shutil.which("cc") is not None
-
-
-@pytest.fixture
-def use_kernels(monkeypatch):
-    """Switch the native kernels on (build them) or off for one test, then restore the module state."""
-    monkeypatch.setattr(kernels, "_tried", kernels._tried)
-    monkeypatch.setattr(kernels, "_lib", kernels._lib)
-    monkeypatch.setattr(kernels, "_error", kernels._error)
-
-    def switch(on: bool) -> None:
-        kernels._tried, kernels._lib = (not on, None) if not on else (False, None)
-        if on:
-            monkeypatch.delenv("ELANET_KERNELS", raising=False)
-            assert kernels.epilogue_lib() is not None, kernels.build_error()
-
-    return switch
+from conftest import CAN_BUILD
 
 
 @pytest.mark.skipif(not CAN_BUILD, reason="needs Linux and a C compiler")

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .aggregate import LayerMemory
+from .depthwise import value_and_descriptor
 from .epilogue import branch_add, fused_epilogue_ok, gated_branch_add
 from .record import AttentionRecord
 
@@ -76,17 +77,14 @@ class _QKV(nn.Module):
         self.conv_v = nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False)
         self.scale = head_dim ** -0.5
 
-    def query_key(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Query and key ``[B, heads, d]``: ``conv_q`` and ``conv_k`` over the pooled channel sequence.
+    def query_key(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Query and key ``[B, heads, d]``: ``conv_q`` and ``conv_k`` over the descriptor ``y = GAP(x)`` ``[B, C]``.
 
         Both 1-D convolutions are computed as one small product of the sequence's sliding windows
         with the two kernels: the same numbers, without two convolution calls per block whose
         fixed cost on CPU exceeds the arithmetic of a ``[B, 1, C]`` input.
         """
-        b, _, h, w = x.shape
-        k = self.kernel_size
-        # the global average as a sum times 1/(H*W): its backward broadcasts instead of writing a full-size tensor
-        y = x.sum((2, 3)) * (1.0 / (h * w))  # [B, C]: the channel sequence
+        b, k = y.shape[0], self.kernel_size
         windows = F.pad(y, (k // 2, k // 2)).unfold(1, k, 1)  # [B, C, k]: windows[:, c, j] = y_pad[:, c + j]
         kernels = torch.cat((self.conv_q.weight.view(1, k), self.conv_k.weight.view(1, k))).to(y.dtype)
         q, key = torch.matmul(windows, kernels.t()).unbind(-1)  # cross-correlation, as nn.Conv1d computes it
@@ -121,14 +119,15 @@ class MRLABase(_QKV):
     def forward(self, x: Tensor, identity: Tensor | None, memory: LayerMemory) -> Tensor:
         if not self.active:
             return x
-        q, k = self.query_key(x)
+        v, y, x = value_and_descriptor(x, self.conv_v)  # x: the same values, its gradients summed natively
+        q, k = self.query_key(y)
         memory.keys.append(k)
         keys = torch.stack(memory.keys, dim=2)  # [B, heads, n, d]
         logits = torch.matmul(q.unsqueeze(2), keys.transpose(-1, -2)).squeeze(2) * self.scale
         attn = logits.softmax(dim=-1)  # [B, heads, n]: a distribution over the active layers
         if self.recorder is not None:
             self.recorder.add(self.block_index, self.stage_index, attn)
-        out = memory.retrieve(attn, self.conv_v(x))  # stores v_t, returns sum_s alpha_s v_s
+        out = memory.retrieve(attn, v)  # stores v_t, returns sum_s alpha_s v_s
         return branch_add(x, out, self.bn, self.drop_path, relu=True)
 
     @torch.no_grad()
@@ -220,10 +219,11 @@ class MRLALight(_QKV):
 
     def forward(self, x: Tensor, identity: Tensor, memory: LayerMemory | None = None) -> Tensor:
         b, c = x.shape[:2]
-        q, k = self.query_key(x)
+        v, y, x = value_and_descriptor(x, self.conv_v)  # x: the same values, its gradients summed natively
+        q, k = self.query_key(y)
         gate = torch.sigmoid((q * k).sum(-1) * self.scale)  # [B, heads]
         gate = gate.repeat_interleave(self.head_dim, dim=1).view(b, c, 1, 1)
-        v, lam = self.conv_v(x), self.lambda_t.view(1, c, 1, 1)
+        lam = self.lambda_t.view(1, c, 1, 1)
         if fused_epilogue_ok(x, self.bn, v, identity):  # CPU training: mix, BN and add in the native kernels
             return gated_branch_add(x, v, gate, identity, lam, self.bn, self.drop_path)
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # eager training: the lean backward

@@ -1,8 +1,10 @@
 """Native CPU kernels, compiled on first use with the system C compiler and loaded with ctypes.
 
-One kernel file today, ``epilogue.c``: the attention branch's BatchNorm + activation + DropPath +
-residual add in one pass each way, and for MRLA-L the gated mix before it (see ``attention/epilogue.py``). It is plain C with OpenMP, about a
-second to build, linked against the ``libgomp`` that PyTorch ships so that it runs on torch's own
+Two kernel files, built into one library: ``epilogue.c``, the attention branch's BatchNorm +
+activation + DropPath + residual add in one pass each way, MRLA-L's gated mix before it (see
+``attention/epilogue.py``) and MRLA-B's retrieval (``attention/aggregate.py``); and ``depthwise.c``,
+the value convolution with the descriptor's pooling (``attention/depthwise.py``). They are plain C
+with OpenMP, about a second to build, linked against the ``libgomp`` that PyTorch ships so that it runs on torch's own
 thread pool. The shared library is cached under ``$ELANET_CACHE/kernels`` (see
 :func:`elanet.runtime.default_cache_dir`), keyed by the source, the flags and the compiler, and
 written atomically, so concurrent processes (DDP ranks) may build it at once.
@@ -28,7 +30,8 @@ from ..runtime import default_cache_dir
 
 __all__ = ["epilogue_lib", "build_error"]
 
-_SOURCE = Path(__file__).with_name("epilogue.c")
+_SOURCES = [Path(__file__).with_name(name) for name in ("epilogue.c", "depthwise.c")]
+_HEADER = Path(__file__).with_name("common.h")
 _FLAGS = ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared"]
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
@@ -49,17 +52,24 @@ _SIGNATURES = {
     # MRLA-B / ELA retrieval: values (pointer array), n, B, R, C, ...
     "elanet_ret_forward": (None, [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR]),
     "elanet_ret_backward": (_INT, [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _INT, _PTR, _PTR, _PTR]),
+    # value convolution: x, B, H, W, C, w9, ...
+    "elanet_dw_forward": (_INT, [_PTR] + [_I64] * 4 + [_PTR, _PTR, _PTR]),
+    "elanet_dw_backward": (_INT, [_PTR, _PTR] + [_I64] * 4 + [_PTR] * 5),
 }
 
 
 def _cpu_flags() -> list[str]:
-    """``-mavx2`` where this x86 CPU has it (twice the vector width of the baseline SSE2); named
-    explicitly rather than ``-march=native`` so that the cache key tells CPUs apart."""
+    """``-mavx2`` and ``-mfma`` where this x86 CPU has them (twice the vector width of the baseline
+    SSE2; fused multiply-adds, which only ``depthwise.c`` asks for explicitly: ``-ffp-contract=off``
+    keeps the compiler from contracting anything else); named explicitly rather than
+    ``-march=native`` so that the cache key tells CPUs apart."""
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
         return []
-    return ["-mavx2"] if " avx2" in info and os.uname().machine == "x86_64" else []
+    if os.uname().machine != "x86_64":
+        return []
+    return [flag for flag, name in (("-mavx2", " avx2"), ("-mfma", " fma")) if name in info]
 
 
 def _build() -> ctypes.CDLL:
@@ -73,13 +83,14 @@ def _build() -> ctypes.CDLL:
     if shutil.which(cc) is None:
         raise RuntimeError(f"no C compiler {cc!r} on PATH (set CC, or install gcc)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout.splitlines()[:1]
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), *flags, cc, *version, str(gomp)]).encode()).hexdigest()[:16]
+    texts = [p.read_text() for p in (*_SOURCES, _HEADER)]
+    key = hashlib.sha256("\0".join([*texts, *flags, cc, *version, str(gomp)]).encode()).hexdigest()[:16]
     target = default_cache_dir() / "kernels" / f"epilogue-{key}.so"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
-        cmd = [cc, *flags, str(_SOURCE), "-o", tmp, f"-L{gomp.parent}", "-l:libgomp.so.1", f"-Wl,-rpath,{gomp.parent}"]
+        cmd = [cc, *flags, *map(str, _SOURCES), "-o", tmp, f"-L{gomp.parent}", "-l:libgomp.so.1", f"-Wl,-rpath,{gomp.parent}"]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             os.unlink(tmp)

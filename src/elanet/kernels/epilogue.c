@@ -16,31 +16,7 @@
  * given thread count: each thread sums its static share of rows into its own slot and the slots are
  * added in thread order.
  */
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <omp.h>
-
-
-#define FLUSH_ROWS 32  /* float partial sums over at most this many rows, then added into double */
-
-static void flush(double* restrict dst, float* restrict src, int64_t n) {
-    for (int64_t i = 0; i < n; i++) { dst[i] += src[i]; src[i] = 0.0f; }
-}
-
-/* out[i] = sum over threads t < used of part[t * per + i], i < n: the per-thread sums in thread order */
-static void add_parts(double* restrict out, const double* restrict part, int used, size_t per, int64_t n) {
-    for (int64_t i = 0; i < n; i++) out[i] = 0.0;
-    for (int t = 0; t < used; t++)
-        for (int64_t i = 0; i < n; i++) out[i] += part[(size_t)t * per + i];
-}
-
-static void share(int64_t n, int64_t* lo, int64_t* hi) {
-    int nt = omp_get_num_threads(), t = omp_get_thread_num();
-    int64_t chunk = (n + nt - 1) / nt;
-    *lo = t * chunk < n ? t * chunk : n;
-    *hi = *lo + chunk < n ? *lo + chunk : n;
-}
+#include "common.h"
 
 /* per-channel sums of a and a^2 over (b, r): the batch statistics */
 int elanet_epi_stats(const float* restrict a, int64_t B, int64_t G, int64_t R, int64_t d, int64_t sb, int64_t sg,
