@@ -3,6 +3,9 @@
     cp -r OLD_CHECKOUT/src/elanet /tmp/pkg/elanet_old
     PYTHONPATH=src:/tmp/pkg python benchmarks/ab_versions.py elanet_old resnet56_mrla_b resnet56 --rounds 6
     PYTHONPATH=src:/tmp/pkg python benchmarks/ab_versions.py elanet_old resnet110_mrla_l resnet110 --channels-last --cpu-time
+    PYTHONPATH=src:/tmp/pkg python benchmarks/ab_versions.py elanet_old resnet110_ela@0.5 --channels-last --threads 2 --batch-size 64
+
+``NAME@F`` is an ELA model with a fraction F of its prunable blocks pruned (the bench's evenly spread mask).
 
 The old copy imports itself relatively, so it loads under another name beside the current ``elanet``.
 Both builds get the same seed, batch and optimiser; each round runs every (version, model) once in a
@@ -34,8 +37,11 @@ runs = {}
 for v, lib in versions.items():
     for name in args.models:
         torch.manual_seed(0)
-        m = lib.create_model(name, drop_path=0.2).train().to(memory_format=fmt)
-        runs[v, name] = (m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4))
+        model, _, fraction = name.partition("@")
+        m = lib.create_model(model, drop_path=0.2).train().to(memory_format=fmt)
+        if fraction:
+            lib.set_mask(m, importlib.import_module(f"{lib.__name__}.bench").spread_mask(m, float(fraction)))
+        runs[v, name] = (m, torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1, momentum=0.9, weight_decay=1e-4))
 g = torch.Generator().manual_seed(0)
 x, y = torch.randn(args.batch_size, 3, 32, 32, generator=g).contiguous(memory_format=fmt), torch.randint(0, 10, (args.batch_size,), generator=g)
 times = {k: [] for k in runs}

@@ -166,17 +166,18 @@ def test_fused_path_only_where_it_applies(case):
 
 @pytest.mark.skipif(not CAN_BUILD, reason="needs Linux and a C compiler")
 @pytest.mark.parametrize("capacity", [4, None])
-def test_native_retrieval_matches_float64_aggregate(use_kernels, capacity):
+@pytest.mark.parametrize("used", [[0, 2, 3], [0, 1], [3]])
+def test_native_retrieval_matches_float64_aggregate(use_kernels, capacity, used):
     """Channels-last float32 retrievals (values kept in place, one-pass backward) against the float64 reference
     ``aggregate``: every block's output, every value's and every attention weight's gradient, when only some
-    blocks' outputs reach the loss and with a retained graph run backward twice."""
+    blocks' outputs reach the loss (an earlier, the later or only the last ones) and with a retained graph run
+    backward twice. Capacity 4 takes the native path, None the stage buffer."""
     use_kernels(True)
     torch.manual_seed(0)
     b, c, h, w, heads, n = 3, 8, 4, 5, 2, 4
     v64 = [torch.randn(b, c, h, w, dtype=torch.float64) for _ in range(n)]
     logits64 = [torch.randn(b, heads, t + 1, dtype=torch.float64) for t in range(n)]
     up64 = [torch.randn(b, c, h, w, dtype=torch.float64) for _ in range(n)]
-    used = [0, 2, 3]  # block 1's output does not reach the loss: its gradient is None
 
     def run(dtype, native):
         leaves = [t.detach().to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_() for t in v64]
@@ -186,6 +187,8 @@ def test_native_retrieval_matches_float64_aggregate(use_kernels, capacity):
         for t in range(n):
             weights = logits[t].softmax(-1)
             outs.append(mem.retrieve(weights, leaves[t] * 1.0) if native else aggregate(weights, leaves[: t + 1]))
+            if native and t:
+                assert type(outs[-1].grad_fn).__name__ == ("_RetrieveNativeBackward" if capacity else "_RetrieveBackward")
         loss = sum((outs[t] * up64[t].to(dtype)).sum() for t in used)
         inputs = leaves + logits
         grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)

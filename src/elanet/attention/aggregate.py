@@ -49,7 +49,7 @@ class _Values:
     no reference cycle runs through the graph.
     """
 
-    __slots__ = ("capacity", "buf", "shape", "len", "channels_last", "tensors")
+    __slots__ = ("capacity", "buf", "shape", "len", "channels_last", "tensors", "weights")
 
     def __init__(self, capacity: int | None) -> None:
         self.capacity = capacity
@@ -58,14 +58,17 @@ class _Values:
         self.len = 0
         self.channels_last = False
         self.tensors: list[Tensor] | None = None  # the native path keeps the values themselves, uncopied
+        self.weights: list[Tensor] = []  # and each block's attention weights per channel, [B, n, C]
 
-    def keep(self, value: Tensor) -> None:
-        """Keep ``value`` itself as the next layer (the native kernels read channels-last values in place)."""
+    def keep(self, value: Tensor, weights: Tensor) -> None:
+        """Keep ``value`` itself as the next layer (the native kernels read channels-last values in place),
+        with its block's weights over the layers per channel ``[B, n, C]`` (read by the earlier blocks' backward)."""
         if self.capacity is not None and self.len >= self.capacity:
             raise ValueError(f"the memory holds at most {self.capacity} values (its capacity); pass capacity=None to let it grow")
         if self.tensors is None:
             self.tensors, self.shape, self.channels_last = [], value.shape, True
         self.tensors.append(value.detach())  # the same memory without its graph: no reference cycle through autograd
+        self.weights.append(weights)
         self.len += 1
 
     def slot(self, s: int, heads: int) -> Tensor:
@@ -172,7 +175,7 @@ class LayerMemory:
         if torch.compiler.is_compiling():
             self._traced.append(value)
             return aggregate(weights, self._traced)
-        if self._values.buf is None and _native_ok(weights, value) and not (self._values.capacity == 1 and self._values.len == 0):
+        if (self._values.buf is None and self._values.capacity not in (None, 1) and _native_ok(weights, value)):
             return self._retrieve_native(weights, value)
         return self._retrieve_autograd(weights, value)
 
@@ -283,9 +286,10 @@ class _Retrieve(torch.autograd.Function):
 
 
 def _native_ok(weights: Tensor, value: Tensor) -> bool:
-    """Whether the native retrieval kernels apply: eager float32 channels-last CPU values, kernels built."""
+    """Whether the native retrieval kernels apply: eager float32 channels-last CPU values with a multiple
+    of 8 channels (the kernels' vector width), kernels built."""
     return (value.device.type == "cpu" and value.dtype == torch.float32 and weights.dtype == torch.float32
-            and value.ndim == 4 and value.is_contiguous(memory_format=torch.channels_last)
+            and value.ndim == 4 and value.shape[1] % 8 == 0 and value.is_contiguous(memory_format=torch.channels_last)
             and epilogue_lib() is not None)
 
 
@@ -296,48 +300,58 @@ def _ptrs(tensors: list[Tensor]) -> ctypes.Array:
 class _RetrieveNative(torch.autograd.Function):
     """:class:`_Retrieve` for channels-last float32 CPU values, in the native kernels of ``kernels/epilogue.c``.
 
-    The values stay where the value convolution wrote them (no copy into a per-head buffer), the sum
-    is written channels-last in one pass, and backward does in one pass what :class:`_Retrieve` does
-    in three: the earlier values' gradient shares (partial sums ``[n-1, B, H*W*C]``, channels-last), this
-    value's complete gradient, and the products that give the attention weights' gradient.
+    The values stay where the value convolution wrote them (no copy into a per-head buffer), and the
+    sum is written channels-last in one pass. Backward "pulls": a value's gradient is
+    ``sum_{t >= s} alpha_{t,s} g_t`` over the blocks that read it, so each block keeps its output's
+    gradient ``g_t`` in a stage buffer ``[N, B, H*W*C]`` (N = the memory's capacity) and forms its own
+    value's gradient from the later blocks' kept gradients, in the same pass as the products that
+    give its attention weights' gradient. That reads each later gradient once, where adding every
+    block's share into partial sums of all earlier values read and wrote each of them. The buffer
+    travels backwards through autograd as the gradient of the zero-stride ``link`` output, so nothing
+    outside the graph keeps gradient state.
     """
 
     @staticmethod
     def forward(ctx, weights: Tensor, value: Tensor, link: Tensor | None, values: _Values):  # type: ignore[override]
         b, heads, n = weights.shape
-        values.keep(value)
         _, c, h, w = value.shape
         amap = weights.detach().repeat_interleave(c // heads, dim=1).transpose(1, 2).contiguous()  # [B, n, C]
+        values.keep(value, amap)
         ctx.set_materialize_grads(False)
-        ctx.values, ctx.n, ctx.heads, ctx.amap = values, n, heads, amap
+        ctx.values, ctx.n, ctx.heads = values, n, heads
         ctx.save_for_backward(weights)
         if n == 1:  # a softmax over one layer is exactly 1: o_1 = v_1
             out = value.view_as(value)
         else:
             out = torch.empty_like(value, memory_format=torch.channels_last)
             epilogue_lib().elanet_ret_forward(_ptrs(values.tensors[:n]), n, b, h * w, c, amap.data_ptr(), out.data_ptr())
-        link_out = value.new_zeros(()).expand(n, b, value[0].numel())
+        link_out = value.new_zeros(()).expand(values.capacity, b, value[0].numel())
         return out, link_out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: Tensor | None, partial: Tensor | None):  # type: ignore[override]
-        values, n, heads, amap = ctx.values, ctx.n, ctx.heads, ctx.amap
+    def backward(ctx, grad: Tensor | None, kept: Tensor | None):  # type: ignore[override]
+        values, n, heads = ctx.values, ctx.n, ctx.heads
         (weights,) = ctx.saved_tensors
-        if grad is None and partial is None:
+        if grad is None and kept is None:
             return None, None, None, None
         b, c, h, w = values.shape
+        total = values.capacity
         g = None if grad is None else grad.contiguous(memory_format=torch.channels_last)
-        first = partial is None
-        if first and n > 1:
-            partial = g.new_empty((n - 1, b, h * w * c))
-        last = partial[n - 1] if partial is not None and partial.shape[0] >= n else None
+        if kept is None:  # no later block passed gradients back: this is the first backward of the stage
+            kept = g.new_empty((total, b, h * w * c))
+            kept[n:].zero_()  # slots of later blocks that never ran backward (none when this is the last block)
+        later = range(n, total)  # slots of blocks n+1..N, 0-indexed
+        lw = values.weights
+        later_ptrs = _ptrs([kept[t] for t in later])
+        later_w = (ctypes.c_void_p * len(later))(*[lw[t].data_ptr() + (n - 1) * c * lw[t].element_size() for t in later])
+        later_stride = (ctypes.c_int64 * len(later))(*[lw[t].shape[1] * c for t in later])
         grad_v = torch.empty(values.shape, dtype=torch.float32, memory_format=torch.channels_last)
         need_w = ctx.needs_input_grad[0] and n > 1 and g is not None
         ga = torch.empty((b, n, c), dtype=torch.float64) if need_w else None
         if epilogue_lib().elanet_ret_backward(
-                _ptrs(values.tensors[:n]), n, b, h * w, c, amap.data_ptr(), None if g is None else g.data_ptr(),
-                None if partial is None else partial.data_ptr(), int(first), None if last is None else last.data_ptr(),
+                _ptrs(values.tensors[:n]), n, b, h * w, c, lw[n - 1].data_ptr(), None if g is None else g.data_ptr(),
+                kept[n - 1].data_ptr() if n > 1 else None, later_ptrs, later_w, later_stride, len(later),
                 grad_v.data_ptr(), None if ga is None else ga.data_ptr()):
             raise MemoryError("the native retrieval could not allocate its per-thread sums")
         grad_w = None
@@ -346,7 +360,7 @@ class _RetrieveNative(torch.autograd.Function):
                 grad_w = torch.zeros_like(weights)
             else:
                 grad_w = ga.view(b, n, heads, c // heads).sum(-1).transpose(1, 2).to(weights.dtype)
-        grad_link = partial[: n - 1] if n > 1 and ctx.needs_input_grad[2] and partial is not None else None
+        grad_link = kept if n > 1 and ctx.needs_input_grad[2] else None
         return grad_w, grad_v if ctx.needs_input_grad[1] else None, grad_link, None
 
 

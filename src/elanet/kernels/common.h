@@ -32,4 +32,20 @@ static inline void share(int64_t n, int64_t* lo, int64_t* hi) {
     *hi = *lo + chunk < n ? *lo + chunk : n;
 }
 
+/* 8-float vectors (GCC vector extensions: AVX with -mavx2, two SSE registers without), unaligned
+ * loads and stores, and a fused multiply-add where the CPU has one (-mfma) */
+#define VL 8
+typedef float vf __attribute__((vector_size(32)));
+typedef float vf_u __attribute__((vector_size(32), aligned(4)));
+
+static inline vf ld(const float* p) { return *(const vf_u*)p; }
+static inline void st(float* p, vf v) { *(vf_u*)p = v; }
+
+#if defined(__FMA__) && defined(__AVX__)
+#include <immintrin.h>
+static inline vf fmadd(vf a, vf b, vf c) { return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
+#else
+static inline vf fmadd(vf a, vf b, vf c) { return a * b + c; }
+#endif
+
 #endif

@@ -15,20 +15,6 @@
  */
 #include "common.h"
 
-#define VL 8
-typedef float vf __attribute__((vector_size(32)));
-typedef float vf_u __attribute__((vector_size(32), aligned(4)));
-
-static inline vf ld(const float* p) { return *(const vf_u*)p; }
-static inline void st(float* p, vf v) { *(vf_u*)p = v; }
-
-#if defined(__FMA__) && defined(__AVX__)
-#include <immintrin.h>
-static inline vf fmadd(vf a, vf b, vf c) { return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
-#else
-static inline vf fmadd(vf a, vf b, vf c) { return a * b + c; }
-#endif
-
 /* row h of image b of t ([B, H, W*C]), or the zero row outside [0, H): the convolution's padding */
 static inline const float* row_or_zeros(const float* t, int64_t b, int64_t h, int64_t H, int64_t WC,
                                         const float* zeros) {

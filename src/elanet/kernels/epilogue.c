@@ -304,7 +304,7 @@ int elanet_mix_backward(const float* restrict v, const float* restrict id, const
 }
 
 /* ---- MRLA-B / ELA retrieval (paper eq. 5) on channels-last values, kept where the value convolution wrote them ----
- * values[s] is [B, R, C] contiguous (s < n); A is alpha expanded per channel, [B, n, C] (A[b, s, c] = alpha[b, c / d, s]).
+ * values[s] is [B, R, C] contiguous (s < n), C a multiple of 8; A is alpha expanded per channel, [B, n, C] (A[b, s, c] = alpha[b, c / d, s]).
  * out[b, r, c] = sum_s A[b, s, c] * values[s][b, r, c] */
 void elanet_ret_forward(const float* const* values, int64_t n, int64_t B, int64_t R, int64_t C, const float* restrict A,
                         float* restrict out) {
@@ -314,33 +314,33 @@ void elanet_ret_forward(const float* const* values, int64_t n, int64_t B, int64_
         share(B * R, &lo_row, &hi_row);
         for (int64_t row = lo_row; row < hi_row; row++) {
             const float* Ab = A + (row / R) * n * C;
-            float* o = out + row * C;
-            const float* v0 = values[0] + row * C;
-            #pragma omp simd
-            for (int64_t c = 0; c < C; c++) o[c] = Ab[c] * v0[c];
-            for (int64_t s = 1; s < n; s++) {
-                const float* vs = values[s] + row * C; const float* As = Ab + s * C;
-                #pragma omp simd
-                for (int64_t c = 0; c < C; c++) o[c] += As[c] * vs[c];
+            for (int64_t k = 0; k < C; k += VL) {  /* the sum stays in a register across the n values */
+                vf acc = ld(Ab + k) * ld(values[0] + row * C + k);
+                for (int64_t s = 1; s < n; s++) acc = fmadd(ld(Ab + s * C + k), ld(values[s] + row * C + k), acc);
+                st(out + row * C + k, acc);
             }
         }
     }
 }
 
-/* Backward of block n's retrieval, in one pass over the rows:
- *   partial[s] (+)= A[:, s] * g for s < n - 1 (written when first, else accumulated): the earlier values' gradient shares;
- *   grad_v = partial[n - 1] + A[:, n - 1] * g (partial_last may be NULL: no later block read this value);
+/* Backward of block n's retrieval in the "pull" form, one pass over the rows. Value s's gradient is
+ * sum_{t >= s} A_t[:, s] * g_t over the blocks t that read it; block n forms its own value's, reading
+ * the gradients of the L later blocks that the stage keeps (later[l], with their weights for this
+ * value at later_A[l] + b * later_stride[l]), instead of every block adding its share into
+ * read-modify-written partial sums of all earlier values:
+ *   grad_v = A[:, n - 1] * g + sum_l later_A[l] * later[l];
+ *   slot = g (kept for the earlier blocks; zeros when g is NULL; slot may be NULL: nobody reads it);
  *   GA[b, s, c] = sum_r g * values[s] (the caller sums each head's channels into d alpha[b, head, s]).
- * partial is [n - 1, B, R, C] contiguous; with g NULL only grad_v = partial_last is formed. */
+ * A is this block's [B, n, C]; g, slot, later[l] and grad_v are [B, R, C]. */
 int elanet_ret_backward(const float* const* values, int64_t n, int64_t B, int64_t R, int64_t C, const float* restrict A,
-                        const float* restrict g, float* restrict partial, int first, const float* restrict partial_last,
+                        const float* restrict g, float* restrict slot, const float* const* later,
+                        const float* const* later_A, const int64_t* later_stride, int64_t L,
                         float* restrict grad_v, double* restrict GA) {
     const int nt = omp_get_max_threads();
     const size_t per = (size_t)B * n * C;
     double* part = GA ? calloc((size_t)nt * per, sizeof(double)) : NULL;
     if (GA && !part) return 1;
     int used = 1;
-    const int64_t plane = B * R * C;
     #pragma omp parallel num_threads(nt)
     {
         #pragma omp single
@@ -355,39 +355,19 @@ int elanet_ret_backward(const float* const* values, int64_t n, int64_t B, int64_
             const int64_t b = row / R;
             if (fa && (b != cur || count == FLUSH_ROWS)) { flush(mine + cur * n * C, fa, n * C); cur = b; count = 0; }
             count++;
-            const float* Ab = A + b * n * C;
             const float* gr = g ? g + row * C : NULL;
-            float* gv = grad_v + row * C;
-            const float* pl = partial_last ? partial_last + row * C : NULL;
-            if (gr) {
-                for (int64_t s = 0; s + 1 < n; s++) {
-                    float* p = partial + s * plane + row * C; const float* As = Ab + s * C;
-                    if (first) {
-                        #pragma omp simd
-                        for (int64_t c = 0; c < C; c++) p[c] = As[c] * gr[c];
-                    } else {
-                        #pragma omp simd
-                        for (int64_t c = 0; c < C; c++) p[c] += As[c] * gr[c];
-                    }
-                }
-                const float* Al = Ab + (n - 1) * C;
-                if (pl) {
-                    #pragma omp simd
-                    for (int64_t c = 0; c < C; c++) gv[c] = pl[c] + Al[c] * gr[c];
-                } else {
-                    #pragma omp simd
-                    for (int64_t c = 0; c < C; c++) gv[c] = Al[c] * gr[c];
-                }
-                if (fa) {
-                    for (int64_t s = 0; s < n; s++) {
-                        const float* vs = values[s] + row * C; float* m = fa + s * C;
-                        #pragma omp simd
-                        for (int64_t c = 0; c < C; c++) m[c] += gr[c] * vs[c];
-                    }
-                }
-            } else if (pl) {
-                #pragma omp simd
-                for (int64_t c = 0; c < C; c++) gv[c] = pl[c];
+            float* sl = slot ? slot + row * C : NULL;
+            const float* Al = A + b * n * C + (n - 1) * C;
+            for (int64_t k = 0; k < C; k += VL) {  /* per 8 channels: the value's gradient stays in a register */
+                const vf gk = gr ? ld(gr + k) : (vf){0};
+                vf acc = ld(Al + k) * gk;
+                if (sl) st(sl + k, gk);
+                for (int64_t l = 0; l < L; l++)
+                    acc = fmadd(ld(later_A[l] + b * later_stride[l] + k), ld(later[l] + row * C + k), acc);
+                st(grad_v + row * C + k, acc);
+                if (fa && gr)
+                    for (int64_t s = 0; s < n; s++)
+                        st(fa + s * C + k, fmadd(gk, ld(values[s] + row * C + k), ld(fa + s * C + k)));
             }
         }
         if (fa) {
