@@ -223,3 +223,45 @@ def test_native_retrieval_keeps_no_graph_alive(use_kernels):
     hook.remove()
     gc.collect()
     assert seen and seen[0]() is None
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="needs Linux and a C compiler")
+@pytest.mark.parametrize("drop", [0.0, 0.5])
+def test_retrieve_add_fused_matches_float64(use_kernels, drop):
+    """``LayerMemory.retrieve_add`` (retrieval + BN + ReLU + DropPath + add in one native function, o's gradient
+    formed inside the retrieval's backward) against float64 ``aggregate`` + ``nn.BatchNorm2d``: outputs, the
+    gradients of values, weights, block outputs and BN's affine parameters, and BN's running statistics."""
+    use_kernels(True)
+    b, c, h, w, heads, n = 3, 16, 4, 5, 2, 3
+    v64 = [torch.randn(b, c, h, w, dtype=torch.float64) for _ in range(n)]
+    x64 = [torch.randn(b, c, h, w, dtype=torch.float64) for _ in range(n)]
+    logits64 = [torch.randn(b, heads, t + 1, dtype=torch.float64) for t in range(n)]
+    up64 = [torch.randn(b, c, h, w, dtype=torch.float64) for _ in range(n)]
+    bns64 = [nn.BatchNorm2d(c).double().train() for _ in range(n)]
+    for bn in bns64:
+        nn.init.normal_(bn.weight), nn.init.normal_(bn.bias)
+
+    def run(dtype, fused):
+        leaves = [t.to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_() for t in v64 + x64]
+        logits = [t.to(dtype).requires_grad_() for t in logits64]
+        bns = [copy.deepcopy(bn).to(dtype) for bn in bns64]
+        mem, outs = LayerMemory(capacity=n), []
+        torch.manual_seed(3)
+        for t in range(n):
+            weights, v, x = logits[t].softmax(-1), leaves[t] * 1.0, leaves[n + t] * 1.0
+            if fused:
+                outs.append(mem.retrieve_add(weights, v, x, bns[t], DropPath(drop).train()))
+                assert type(outs[-1].grad_fn).__name__ == "_RetrieveNativeBackward"
+            else:
+                keep = DropPath(drop).train().sample_scale(x)
+                y = torch.relu(bns[t](aggregate(weights, [lv * 1.0 for lv in leaves[: t + 1]])))
+                outs.append(x + (y if keep is None else y * keep))
+        loss = sum((o * u.to(dtype)).sum() for o, u in zip(outs, up64))
+        params = [p for bn in bns for p in bn.parameters()]
+        grads = torch.autograd.grad(loss, leaves + logits + params)
+        return [o.double() for o in outs], [g.double() for g in grads], [s.double() for bn in bns for s in (bn.running_mean, bn.running_var)]
+
+    outs, grads, stats = run(torch.float32, True)
+    ref_outs, ref_grads, ref_stats = run(torch.float64, False)
+    for got, want in zip(outs + grads + stats, ref_outs + ref_grads + ref_stats):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -22,10 +22,11 @@ from __future__ import annotations
 import ctypes
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ..kernels import epilogue_lib
+from .epilogue import _batch_stats, _bn_backward_coefficients, _geometry, branch_add, fused_epilogue_ok
 
 __all__ = ["LayerMemory", "aggregate"]
 
@@ -164,20 +165,49 @@ class LayerMemory:
             ``[B, C, H, W]`` in the layout of the stored values: for head h,
             ``sum_s weights[:, h, s] * v_s[:, h-th channel group]``.
         """
+        self._check(weights, value)
+        if not torch.is_grad_enabled():
+            return self._retrieve_inference(weights, value)
+        if torch.compiler.is_compiling():
+            self._traced.append(value)
+            return aggregate(weights, self._traced)
+        if self._native(weights, value):
+            return self._retrieve_native(weights, value)
+        return self._retrieve_autograd(weights, value)
+
+    def retrieve_add(self, weights: Tensor, value: Tensor, x: Tensor, bn: nn.BatchNorm2d, drop_path: nn.Module) -> Tensor:
+        """The MRLA-B / ELA block's output ``x + DropPath(ReLU(BN(o)))`` with ``o`` from :meth:`retrieve`
+        (paper eq. 5).
+
+        Where the native kernels apply to both (float32 channels-last CPU training), the retrieval
+        and the epilogue are one autograd function: the retrieval's pass also gives BatchNorm its
+        statistics, and its backward forms the epilogue's gradient from the block's output gradient
+        instead of reading it back from memory. Elsewhere it is ``branch_add(x, retrieve(...))``.
+        """
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling() and fused_epilogue_ok(x, bn, value):
+            self._check(weights, value)
+            if self._native(weights, value):
+                return self._retrieve_add_native(weights, value, x, bn, drop_path)
+        return branch_add(x, self.retrieve(weights, value), bn, drop_path, relu=True)
+
+    def _check(self, weights: Tensor, value: Tensor) -> None:
         if weights.shape[-1] != len(self) + 1:
             raise ValueError(f"got {weights.shape[-1]} attention weights for {len(self) + 1} values (stored + new)")
         if value.ndim != 4 or weights.shape[0] != value.shape[0] or value.shape[1] % weights.shape[1]:
             raise ValueError(f"weights {tuple(weights.shape)} do not fit a value of shape {tuple(value.shape)}")
         if self._values.shape is not None and value.shape != self._values.shape:
             raise ValueError(f"value shape {tuple(value.shape)} differs from the stage's {tuple(self._values.shape)}")
-        if not torch.is_grad_enabled():
-            return self._retrieve_inference(weights, value)
-        if torch.compiler.is_compiling():
-            self._traced.append(value)
-            return aggregate(weights, self._traced)
-        if (self._values.buf is None and self._values.capacity not in (None, 1) and _native_ok(weights, value)):
-            return self._retrieve_native(weights, value)
-        return self._retrieve_autograd(weights, value)
+
+    def _native(self, weights: Tensor, value: Tensor) -> bool:
+        """Whether this retrieval takes the native kernels: a stage of known capacity above one, values kept in place."""
+        return self._values.buf is None and self._values.capacity not in (None, 1) and _native_ok(weights, value)
+
+    @torch.compiler.disable
+    def _retrieve_add_native(self, weights: Tensor, value: Tensor, x: Tensor, bn: nn.BatchNorm2d, drop_path: nn.Module) -> Tensor:
+        keep = drop_path.sample_scale(x)
+        out, self._link = _RetrieveNative.apply(weights, value, self._link, self._values, x, bn.weight, bn.bias, bn,
+                                                None if keep is None else keep.view(-1))
+        return out
 
     @torch.compiler.disable
     def _retrieve_native(self, weights: Tensor, value: Tensor) -> Tensor:
@@ -297,6 +327,12 @@ def _ptrs(tensors: list[Tensor]) -> ctypes.Array:
     return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
 
 
+class _EpilogueArgs(ctypes.Structure):
+    """``ret_epilogue`` of ``kernels/epilogue.c``: what the retrieval's backward needs to form the epilogue's gradient."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in ("grad", "o", "scale", "shift", "mean", "keep", "c1", "c2", "c3")]
+
+
 class _RetrieveNative(torch.autograd.Function):
     """:class:`_Retrieve` for channels-last float32 CPU values, in the native kernels of ``kernels/epilogue.c``.
 
@@ -309,22 +345,42 @@ class _RetrieveNative(torch.autograd.Function):
     block's share into partial sums of all earlier values read and wrote each of them. The buffer
     travels backwards through autograd as the gradient of the zero-stride ``link`` output, so nothing
     outside the graph keeps gradient state.
+
+    With ``x`` given it also applies the block's epilogue ``x + keep * ReLU(BN_train(o))`` (see
+    ``attention/epilogue.py``) and returns the block's output: BN's statistics come from the
+    retrieval's own pass, and backward forms ``o``'s gradient on the fly from the output's.
     """
 
     @staticmethod
-    def forward(ctx, weights: Tensor, value: Tensor, link: Tensor | None, values: _Values):  # type: ignore[override]
+    def forward(ctx, weights: Tensor, value: Tensor, link: Tensor | None, values: _Values, x: Tensor | None = None,  # type: ignore[override]
+                bn_weight: Tensor | None = None, bn_bias: Tensor | None = None, bn: nn.BatchNorm2d | None = None,
+                keep: Tensor | None = None):
         b, heads, n = weights.shape
         _, c, h, w = value.shape
+        lib = epilogue_lib()
         amap = weights.detach().repeat_interleave(c // heads, dim=1).transpose(1, 2).contiguous()  # [B, n, C]
         values.keep(value, amap)
         ctx.set_materialize_grads(False)
         ctx.values, ctx.n, ctx.heads = values, n, heads
         ctx.save_for_backward(weights)
+        sums = None if x is None else torch.empty(2, c, dtype=torch.float64)
         if n == 1:  # a softmax over one layer is exactly 1: o_1 = v_1
-            out = value.view_as(value)
+            o = value.view_as(value) if x is None else values.tensors[0]
+            if sums is not None and lib.elanet_epi_stats(o.data_ptr(), *_geometry(o), sums[0].data_ptr(), sums[1].data_ptr()):
+                raise MemoryError("the fused BatchNorm could not allocate its per-thread sums")
         else:
-            out = torch.empty_like(value, memory_format=torch.channels_last)
-            epilogue_lib().elanet_ret_forward(_ptrs(values.tensors[:n]), n, b, h * w, c, amap.data_ptr(), out.data_ptr())
+            o = torch.empty_like(value, memory_format=torch.channels_last)
+            if lib.elanet_ret_forward(_ptrs(values.tensors[:n]), n, b, h * w, c, amap.data_ptr(), o.data_ptr(),
+                                      None if sums is None else sums.data_ptr()):
+                raise MemoryError("the native retrieval could not allocate its per-thread sums")
+        ctx.epilogue = None
+        out = o
+        if x is not None:
+            mean, invstd, scale, shift = _batch_stats(sums, b * h * w, bn_weight, bn_bias, bn)
+            out = torch.empty_like(x, memory_format=torch.channels_last)
+            lib.elanet_epi_forward(o.data_ptr(), *_geometry(o), x.data_ptr(), scale.data_ptr(), shift.data_ptr(),
+                                   None if keep is None else keep.data_ptr(), 1, out.data_ptr())
+            ctx.epilogue = (o, keep, scale, shift, mean.float(), invstd, bn_weight)
         link_out = value.new_zeros(()).expand(values.capacity, b, value[0].numel())
         return out, link_out
 
@@ -334,10 +390,24 @@ class _RetrieveNative(torch.autograd.Function):
         values, n, heads = ctx.values, ctx.n, ctx.heads
         (weights,) = ctx.saved_tensors
         if grad is None and kept is None:
-            return None, None, None, None
+            return (None,) * 9
+        lib = epilogue_lib()
         b, c, h, w = values.shape
         total = values.capacity
         g = None if grad is None else grad.contiguous(memory_format=torch.channels_last)
+        ep, grad_x, grad_bn = None, None, (None, None)
+        if ctx.epilogue is not None and g is not None:  # BN's backward coefficients; o's gradient is formed in the kernel
+            o, keep, scale, shift, mean, invstd, bn_weight = ctx.epilogue
+            sums = torch.empty(2, c, dtype=torch.float64)
+            if lib.elanet_epi_backward_sums(o.data_ptr(), *_geometry(o), g.data_ptr(), scale.data_ptr(), shift.data_ptr(),
+                                            mean.data_ptr(), None if keep is None else keep.data_ptr(), 1,
+                                            sums[0].data_ptr(), sums[1].data_ptr()):
+                raise MemoryError("the fused BatchNorm could not allocate its per-thread sums")
+            c1, c2, c3 = _bn_backward_coefficients(sums, b * h * w, bn_weight, invstd)
+            ep = _EpilogueArgs(*[None if t is None else t.data_ptr() for t in (g, o, scale, shift, mean, keep, c1, c2, c3)])
+            grad_x = g if ctx.needs_input_grad[4] else None
+            grad_bn = ((sums[1] * invstd).float() if ctx.needs_input_grad[5] else None,
+                       sums[0].float() if ctx.needs_input_grad[6] else None)
         if kept is None:  # no later block passed gradients back: this is the first backward of the stage
             kept = g.new_empty((total, b, h * w * c))
             kept[n:].zero_()  # slots of later blocks that never ran backward (none when this is the last block)
@@ -349,8 +419,9 @@ class _RetrieveNative(torch.autograd.Function):
         grad_v = torch.empty(values.shape, dtype=torch.float32, memory_format=torch.channels_last)
         need_w = ctx.needs_input_grad[0] and n > 1 and g is not None
         ga = torch.empty((b, n, c), dtype=torch.float64) if need_w else None
-        if epilogue_lib().elanet_ret_backward(
-                _ptrs(values.tensors[:n]), n, b, h * w, c, lw[n - 1].data_ptr(), None if g is None else g.data_ptr(),
+        if lib.elanet_ret_backward(
+                _ptrs(values.tensors[:n]), n, b, h * w, c, lw[n - 1].data_ptr(),
+                None if g is None or ep is not None else g.data_ptr(), None if ep is None else ctypes.byref(ep),
                 kept[n - 1].data_ptr() if n > 1 else None, later_ptrs, later_w, later_stride, len(later),
                 grad_v.data_ptr(), None if ga is None else ga.data_ptr()):
             raise MemoryError("the native retrieval could not allocate its per-thread sums")
@@ -361,7 +432,7 @@ class _RetrieveNative(torch.autograd.Function):
             else:
                 grad_w = ga.view(b, n, heads, c // heads).sum(-1).transpose(1, 2).to(weights.dtype)
         grad_link = kept if n > 1 and ctx.needs_input_grad[2] else None
-        return grad_w, grad_v if ctx.needs_input_grad[1] else None, grad_link, None
+        return grad_w, grad_v if ctx.needs_input_grad[1] else None, grad_link, None, grad_x, *grad_bn, None, None
 
 
 def aggregate(weights: Tensor, values: list[Tensor]) -> Tensor:

@@ -127,8 +127,7 @@ class MRLABase(_QKV):
         attn = logits.softmax(dim=-1)  # [B, heads, n]: a distribution over the active layers
         if self.recorder is not None:
             self.recorder.add(self.block_index, self.stage_index, attn)
-        out = memory.retrieve(attn, v)  # stores v_t, returns sum_s alpha_s v_s
-        return branch_add(x, out, self.bn, self.drop_path, relu=True)
+        return memory.retrieve_add(attn, v, x, self.bn, self.drop_path)  # stores v_t; x + DropPath(ReLU(BN(sum_s alpha_s v_s)))
 
     @torch.no_grad()
     def init_pretrained_start(self, gamma: float = PRETRAINED_GAMMA) -> float:

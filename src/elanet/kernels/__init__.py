@@ -50,8 +50,8 @@ _SIGNATURES = {
     "elanet_mix_backward_sums": (_INT, [_PTR] * 4 + [_I64] * 3 + [_PTR] * 5),
     "elanet_mix_backward": (_INT, [_PTR] * 4 + [_I64] * 3 + [_PTR] * 10),
     # MRLA-B / ELA retrieval: values (pointer array), n, B, R, C, ...
-    "elanet_ret_forward": (None, [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR]),
-    "elanet_ret_backward": (_INT, [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR]),
+    "elanet_ret_forward": (_INT, [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR]),
+    "elanet_ret_backward": (_INT, [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR]),
     # value convolution: x, B, H, W, C, w9, ...
     "elanet_dw_forward": (_INT, [_PTR] + [_I64] * 4 + [_PTR, _PTR, _PTR]),
     "elanet_dw_backward": (_INT, [_PTR, _PTR] + [_I64] * 4 + [_PTR] * 5),

@@ -37,6 +37,7 @@ static inline void share(int64_t n, int64_t* lo, int64_t* hi) {
 #define VL 8
 typedef float vf __attribute__((vector_size(32)));
 typedef float vf_u __attribute__((vector_size(32), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(32)));  /* comparison results: all ones where true */
 
 static inline vf ld(const float* p) { return *(const vf_u*)p; }
 static inline void st(float* p, vf v) { *(vf_u*)p = v; }

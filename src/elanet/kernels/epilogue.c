@@ -306,21 +306,52 @@ int elanet_mix_backward(const float* restrict v, const float* restrict id, const
 /* ---- MRLA-B / ELA retrieval (paper eq. 5) on channels-last values, kept where the value convolution wrote them ----
  * values[s] is [B, R, C] contiguous (s < n), C a multiple of 8; A is alpha expanded per channel, [B, n, C] (A[b, s, c] = alpha[b, c / d, s]).
  * out[b, r, c] = sum_s A[b, s, c] * values[s][b, r, c] */
-void elanet_ret_forward(const float* const* values, int64_t n, int64_t B, int64_t R, int64_t C, const float* restrict A,
-                        float* restrict out) {
-    #pragma omp parallel
+/* With sums not NULL, also the per-channel sum and sum of squares of out over (b, r), for the BatchNorm
+ * that follows (sums[0..C) and sums[C..2C)): the epilogue then needs no statistics pass of its own. */
+int elanet_ret_forward(const float* const* values, int64_t n, int64_t B, int64_t R, int64_t C, const float* restrict A,
+                       float* restrict out, double* restrict sums) {
+    const int nt = omp_get_max_threads();
+    double* part = sums ? calloc((size_t)nt * 2 * C, sizeof(double)) : NULL;
+    if (sums && !part) return 1;
+    int used = 1, failed = 0;
+    #pragma omp parallel num_threads(nt)
     {
+        #pragma omp single
+        used = omp_get_num_threads();
         int64_t lo_row, hi_row;
         share(B * R, &lo_row, &hi_row);
+        double* mine = part ? part + (size_t)omp_get_thread_num() * 2 * C : NULL;
+        float* fs = mine ? calloc(2 * C, sizeof(float)) : NULL;  /* float sums over <= FLUSH_ROWS rows */
+        if (mine && !fs) {
+            #pragma omp atomic write
+            failed = 1;
+            lo_row = hi_row;
+        }
+        int count = 0;
         for (int64_t row = lo_row; row < hi_row; row++) {
             const float* Ab = A + (row / R) * n * C;
             for (int64_t k = 0; k < C; k += VL) {  /* the sum stays in a register across the n values */
                 vf acc = ld(Ab + k) * ld(values[0] + row * C + k);
                 for (int64_t s = 1; s < n; s++) acc = fmadd(ld(Ab + s * C + k), ld(values[s] + row * C + k), acc);
                 st(out + row * C + k, acc);
+                if (fs) {
+                    st(fs + k, ld(fs + k) + acc);
+                    st(fs + C + k, fmadd(acc, acc, ld(fs + C + k)));
+                }
             }
+            if (fs && ++count == FLUSH_ROWS) { flush(mine, fs, 2 * C); count = 0; }
+        }
+        if (fs) {
+            flush(mine, fs, 2 * C);
+            free(fs);
         }
     }
+    if (part) {
+        add_parts(sums, part, used, 2 * C, C);
+        add_parts(sums + C, part + C, used, 2 * C, C);
+        free(part);
+    }
+    return failed;
 }
 
 /* Backward of block n's retrieval in the "pull" form, one pass over the rows. Value s's gradient is
@@ -331,9 +362,16 @@ void elanet_ret_forward(const float* const* values, int64_t n, int64_t B, int64_
  *   grad_v = A[:, n - 1] * g + sum_l later_A[l] * later[l];
  *   slot = g (kept for the earlier blocks; zeros when g is NULL; slot may be NULL: nobody reads it);
  *   GA[b, s, c] = sum_r g * values[s] (the caller sums each head's channels into d alpha[b, head, s]).
- * A is this block's [B, n, C]; g, slot, later[l] and grad_v are [B, R, C]. */
+ * A is this block's [B, n, C]; g, slot, later[l] and grad_v are [B, R, C].
+ * With ep not NULL the retrieval is followed by the epilogue out = x + keep[b] * ReLU(BN(o)) and g is
+ * formed here from the block's output gradient ep->grad and o, as elanet_epi_backward would write it,
+ * so the epilogue's gradient is never written out. */
+typedef struct {
+    const float *grad, *o, *scale, *shift, *mean, *keep, *c1, *c2, *c3;  /* keep may be NULL (no DropPath) */
+} ret_epilogue;
+
 int elanet_ret_backward(const float* const* values, int64_t n, int64_t B, int64_t R, int64_t C, const float* restrict A,
-                        const float* restrict g, float* restrict slot, const float* const* later,
+                        const float* restrict g, const ret_epilogue* ep, float* restrict slot, const float* const* later,
                         const float* const* later_A, const int64_t* later_stride, int64_t L,
                         float* restrict grad_v, double* restrict GA) {
     const int nt = omp_get_max_threads();
@@ -355,11 +393,19 @@ int elanet_ret_backward(const float* const* values, int64_t n, int64_t B, int64_
             const int64_t b = row / R;
             if (fa && (b != cur || count == FLUSH_ROWS)) { flush(mine + cur * n * C, fa, n * C); cur = b; count = 0; }
             count++;
-            const float* gr = g ? g + row * C : NULL;
+            const float* gr = g ? g + row * C : ep ? ep->grad + row * C : NULL;
             float* sl = slot ? slot + row * C : NULL;
             const float* Al = A + b * n * C + (n - 1) * C;
+            const float kb = ep && ep->keep ? ep->keep[b] : 1.0f;
+            const vf keep = {kb, kb, kb, kb, kb, kb, kb, kb};
             for (int64_t k = 0; k < C; k += VL) {  /* per 8 channels: the value's gradient stays in a register */
-                const vf gk = gr ? ld(gr + k) : (vf){0};
+                vf gk = gr ? ld(gr + k) : (vf){0};
+                if (ep) {  /* BN's backward through ReLU and DropPath: c1 * gy + c2 * (o - mean) + c3 */
+                    const vf o = ld(ep->o + row * C + k);
+                    const vf y = o * ld(ep->scale + k) + ld(ep->shift + k);  /* as the forward rounds it: same ReLU mask */
+                    const vf gy = (vf)((vi)(gk * keep) & (y > (vf){0}));
+                    gk = fmadd(ld(ep->c1 + k), gy, fmadd(ld(ep->c2 + k), o - ld(ep->mean + k), ld(ep->c3 + k)));
+                }
                 vf acc = ld(Al + k) * gk;
                 if (sl) st(sl + k, gk);
                 for (int64_t l = 0; l < L; l++)
