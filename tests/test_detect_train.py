@@ -143,6 +143,24 @@ def test_pretrained_backbone_with_or_without_its_mask(tmp_path) -> None:
         load_backbone(det, tmp_path / "cls.pt", backbone="resnet50", keep_mask=False, frozen_stages=1)
 
 
+def test_grey_classification_checkpoint_adapts_the_stem_and_other_shapes_fail_clearly(tmp_path) -> None:
+    """A checkpoint trained on 1-channel images (the bundled digits) starts a 3-channel detector: the stem's
+    weights are repeated over the colour channels and rescaled (timm's adapt_input_conv), so a grey image gives
+    the same stem output; any other shape mismatch is a one-line ValueError, not a load_state_dict traceback."""
+    cls = create_model("resnet18_ela", num_classes=10, in_chans=1)
+    save_checkpoint(tmp_path / "grey.pt", {"model_name": "resnet18_ela", "num_classes": 10, "in_chans": 1, "model": cls.state_dict()})
+    det = create_detector("faster_rcnn", backbone="resnet18_ela", num_classes=3, pretrained=True)
+    load_backbone(det, tmp_path / "grey.pt", backbone="resnet18_ela", keep_mask=False, frozen_stages=1)
+    grey = torch.rand(1, 1, 16, 16)
+    torch.testing.assert_close(det.backbone.body.conv1(grey.expand(1, 3, 16, 16)), cls.conv1(grey))
+    assert torch.equal(det.backbone.body.layer2[0].conv1.weight, cls.layer2[0].conv1.weight)
+    state = cls.state_dict()
+    state["layer2.0.conv1.weight"] = state["layer2.0.conv1.weight"][:, :32]
+    save_checkpoint(tmp_path / "bad.pt", {"model_name": "resnet18_ela", "num_classes": 10, "in_chans": 1, "model": state})
+    with pytest.raises(ValueError, match=r"shapes differ: layer2\.0\.conv1\.weight \(128, 32, 3, 3\) vs \(128, 64, 3, 3\)"):
+        load_backbone(det, tmp_path / "bad.pt", backbone="resnet18_ela", keep_mask=False, frozen_stages=1)
+
+
 def _fails(argv: list[str], capsys, match: str) -> None:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

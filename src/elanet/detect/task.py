@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from timm.models import adapt_input_conv
 from torch import Tensor, nn
 
 from ..models.pretrained import load_pretrained, resolve_source
@@ -47,7 +48,13 @@ def load_backbone(model: nn.Module, source: str | os.PathLike, *, backbone: str,
     if ckpt.get("model_name") != backbone:
         raise ValueError(f"--pretrained {source} holds {ckpt.get('model_name')} but the backbone is {backbone}: "
                          f"pass --model {ckpt.get('model_name')} or another checkpoint")
-    state = {k: v for k, v in ckpt["model"].items() if not k.startswith("fc.")}
+    state = _adapt_stem({k: v for k, v in ckpt["model"].items() if not k.startswith("fc.")}, body.state_dict())
+    own = body.state_dict()
+    shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+              if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape]
+    if shapes:
+        raise ValueError(f"--pretrained {source} does not fit {backbone}: shapes differ: {', '.join(shapes[:3])}; "
+                         "pass a checkpoint of the same model and input channels")
     missing, unexpected = body.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"--pretrained {source} does not fit {backbone}: missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -55,6 +62,16 @@ def load_backbone(model: nn.Module, source: str | os.PathLike, *, backbone: str,
         set_mask(body, [True] * len(ela_blocks(body)))
     freeze_stages(body, frozen_stages)
     return ckpt
+
+
+def _adapt_stem(state: dict[str, Any], own: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The stem convolution of a checkpoint trained on other input channels (e.g. grey digits, 1 channel)
+    adapted to the detector's images with timm's ``adapt_input_conv`` (channels repeated and rescaled)."""
+    stem = next((k for k, v in own.items() if v.dim() == 4), None)  # the first convolution's weight
+    w = state.get(stem)
+    if w is not None and w.dim() == 4 and w.shape[1] != own[stem].shape[1] and w.shape[:1] + w.shape[2:] == own[stem].shape[:1] + own[stem].shape[2:]:
+        state = {**state, stem: adapt_input_conv(own[stem].shape[1], w, base_chans=w.shape[1])}
+    return state
 
 
 def head_sizes(cfg: DetectConfig) -> dict[str, Any]:
