@@ -32,6 +32,17 @@ static inline void share(int64_t n, int64_t* lo, int64_t* hi) {
     *hi = *lo + chunk < n ? *lo + chunk : n;
 }
 
+/* share() for a thread whose scratch may have failed to allocate (ok == 0): it then takes no rows and
+ * sets *failed, so the call returns an error instead of writing half a result */
+static inline void share_or_fail(int64_t n, int ok, int* failed, int64_t* lo, int64_t* hi) {
+    share(n, lo, hi);
+    if (!ok) {
+        #pragma omp atomic write
+        *failed = 1;
+        *lo = *hi;
+    }
+}
+
 /* 8-float vectors (GCC vector extensions: AVX with -mavx2, two SSE registers without), unaligned
  * loads and stores, and a fused multiply-add where the CPU has one (-mfma) */
 #define VL 8

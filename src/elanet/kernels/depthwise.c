@@ -79,12 +79,7 @@ int elanet_dw_forward(const float* restrict x, int64_t B, int64_t H, int64_t W, 
     {
         float* zeros = calloc(WC, sizeof(float));
         int64_t lo, hi;
-        share(B * H, &lo, &hi);
-        if (!zeros) {
-            #pragma omp atomic write
-            failed = 1;
-            lo = hi;
-        }
+        share_or_fail(B * H, zeros != NULL, &failed, &lo, &hi);
         for (int64_t row = lo; row < hi; row++) {
             const int64_t b = row / H, h = row % H;
             const float* r0 = row_or_zeros(x, b, h - 1, H, WC, zeros);
@@ -129,20 +124,10 @@ int elanet_dw_backward(const float* restrict x, const float* restrict g, int64_t
         #pragma omp single
         used = omp_get_num_threads();
         float* zeros = calloc(WC, sizeof(float));
-        int64_t lo, hi;
-        share(B * H, &lo, &hi);
-        if (!zeros) {
-            #pragma omp atomic write
-            failed = 1;
-            lo = hi;
-        }
         double* mine = part ? part + (size_t)omp_get_thread_num() * per : NULL;
         float* fsum = mine ? calloc(per, sizeof(float)) : NULL;  /* float sums over <= FLUSH_ROWS rows */
-        if (mine && !fsum) {
-            #pragma omp atomic write
-            failed = 1;
-            lo = hi;
-        }
+        int64_t lo, hi;
+        share_or_fail(B * H, zeros && (!mine || fsum), &failed, &lo, &hi);
         int count = 0;
         for (int64_t row = lo; row < hi; row++) {
             const int64_t b = row / H, h = row % H;

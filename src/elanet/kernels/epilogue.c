@@ -318,15 +318,10 @@ int elanet_ret_forward(const float* const* values, int64_t n, int64_t B, int64_t
     {
         #pragma omp single
         used = omp_get_num_threads();
-        int64_t lo_row, hi_row;
-        share(B * R, &lo_row, &hi_row);
         double* mine = part ? part + (size_t)omp_get_thread_num() * 2 * C : NULL;
         float* fs = mine ? calloc(2 * C, sizeof(float)) : NULL;  /* float sums over <= FLUSH_ROWS rows */
-        if (mine && !fs) {
-            #pragma omp atomic write
-            failed = 1;
-            lo_row = hi_row;
-        }
+        int64_t lo_row, hi_row;
+        share_or_fail(B * R, !mine || fs, &failed, &lo_row, &hi_row);
         int count = 0;
         for (int64_t row = lo_row; row < hi_row; row++) {
             const float* Ab = A + (row / R) * n * C;
