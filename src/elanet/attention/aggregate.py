@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ..kernels import epilogue_lib
-from .epilogue import _batch_stats, _bn_backward_coefficients, _geometry, branch_add, fused_epilogue_ok
+from .epilogue import _backward_sums, _bn_backward_coefficients, _normalise_add, _stats, branch_add, fused_epilogue_ok
 
 __all__ = ["LayerMemory", "aggregate"]
 
@@ -184,10 +184,10 @@ class LayerMemory:
         statistics, and its backward forms the epilogue's gradient from the block's output gradient
         instead of reading it back from memory. Elsewhere it is ``branch_add(x, retrieve(...))``.
         """
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling() and fused_epilogue_ok(x, bn, value):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling() and fused_epilogue_ok(x, bn, value) \
+                and self._native(weights, value):
             self._check(weights, value)
-            if self._native(weights, value):
-                return self._retrieve_add_native(weights, value, x, bn, drop_path)
+            return self._retrieve_add_native(weights, value, x, bn, drop_path)
         return branch_add(x, self.retrieve(weights, value), bn, drop_path, relu=True)
 
     def _check(self, weights: Tensor, value: Tensor) -> None:
@@ -357,30 +357,25 @@ class _RetrieveNative(torch.autograd.Function):
                 keep: Tensor | None = None):
         b, heads, n = weights.shape
         _, c, h, w = value.shape
-        lib = epilogue_lib()
         amap = weights.detach().repeat_interleave(c // heads, dim=1).transpose(1, 2).contiguous()  # [B, n, C]
         values.keep(value, amap)
         ctx.set_materialize_grads(False)
         ctx.values, ctx.n, ctx.heads = values, n, heads
         ctx.save_for_backward(weights)
-        sums = None if x is None else torch.empty(2, c, dtype=torch.float64)
         if n == 1:  # a softmax over one layer is exactly 1: o_1 = v_1
             o = value.view_as(value) if x is None else values.tensors[0]
-            if sums is not None and lib.elanet_epi_stats(o.data_ptr(), *_geometry(o), sums[0].data_ptr(), sums[1].data_ptr()):
-                raise MemoryError("the fused BatchNorm could not allocate its per-thread sums")
+            sums = None if x is None else _stats(o)
         else:
             o = torch.empty_like(value, memory_format=torch.channels_last)
-            if lib.elanet_ret_forward(_ptrs(values.tensors[:n]), n, b, h * w, c, amap.data_ptr(), o.data_ptr(),
-                                      None if sums is None else sums.data_ptr()):
+            sums = None if x is None else torch.empty(2, c, dtype=torch.float64)
+            if epilogue_lib().elanet_ret_forward(_ptrs(values.tensors[:n]), n, b, h * w, c, amap.data_ptr(), o.data_ptr(),
+                                                 None if sums is None else sums.data_ptr()):
                 raise MemoryError("the native retrieval could not allocate its per-thread sums")
         ctx.epilogue = None
         out = o
         if x is not None:
-            mean, invstd, scale, shift = _batch_stats(sums, b * h * w, bn_weight, bn_bias, bn)
-            out = torch.empty_like(x, memory_format=torch.channels_last)
-            lib.elanet_epi_forward(o.data_ptr(), *_geometry(o), x.data_ptr(), scale.data_ptr(), shift.data_ptr(),
-                                   None if keep is None else keep.data_ptr(), 1, out.data_ptr())
-            ctx.epilogue = (o, keep, scale, shift, mean.float(), invstd, bn_weight)
+            out, stats = _normalise_add(o, x, sums, bn_weight, bn_bias, bn, keep, relu=True)
+            ctx.epilogue = (o, keep, stats)
         link_out = value.new_zeros(()).expand(values.capacity, b, value[0].numel())
         return out, link_out
 
@@ -397,12 +392,9 @@ class _RetrieveNative(torch.autograd.Function):
         g = None if grad is None else grad.contiguous(memory_format=torch.channels_last)
         ep, grad_x, grad_bn = None, None, (None, None)
         if ctx.epilogue is not None and g is not None:  # BN's backward coefficients; o's gradient is formed in the kernel
-            o, keep, scale, shift, mean, invstd, bn_weight = ctx.epilogue
-            sums = torch.empty(2, c, dtype=torch.float64)
-            if lib.elanet_epi_backward_sums(o.data_ptr(), *_geometry(o), g.data_ptr(), scale.data_ptr(), shift.data_ptr(),
-                                            mean.data_ptr(), None if keep is None else keep.data_ptr(), 1,
-                                            sums[0].data_ptr(), sums[1].data_ptr()):
-                raise MemoryError("the fused BatchNorm could not allocate its per-thread sums")
+            o, keep, stats = ctx.epilogue
+            scale, shift, mean, invstd, bn_weight = stats
+            sums = _backward_sums(o, g, stats, keep, relu=True)
             c1, c2, c3 = _bn_backward_coefficients(sums, b * h * w, bn_weight, invstd)
             ep = _EpilogueArgs(*[None if t is None else t.data_ptr() for t in (g, o, scale, shift, mean, keep, c1, c2, c3)])
             grad_x = g if ctx.needs_input_grad[4] else None

@@ -71,25 +71,47 @@ def _bn_backward_coefficients(sums: Tensor, n: int, weight: Tensor, invstd: Tens
     return k1.float(), (-k1 * invstd * invstd * sums[1] / n).float(), (-k1 * sums[0] / n).float()
 
 
+def _stats(a: Tensor) -> Tensor:
+    """BN's batch sums of a channels-last ``a``: ``[2, C]`` double, sum and sum of squares per channel."""
+    geom = _geometry(a)
+    sums = torch.empty(2, geom[1] * geom[3], dtype=torch.float64)
+    if epilogue_lib().elanet_epi_stats(_ptr(a), *geom, _ptr(sums[0]), _ptr(sums[1])):
+        raise MemoryError("the fused BatchNorm could not allocate its per-thread sums")
+    return sums
+
+
+def _normalise_add(a: Tensor, x: Tensor, sums: Tensor, weight: Tensor, bias: Tensor, bn: nn.BatchNorm2d,
+                   keep: Tensor | None, relu: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """``x + keep * act(BN_train(a))`` from ``a``'s batch ``sums`` (updating BN's running statistics), and
+    the statistics ``(scale, shift, mean, invstd, weight)`` that :func:`_backward_sums` takes."""
+    geom = _geometry(a)
+    mean, invstd, scale, shift = _batch_stats(sums, geom[0] * geom[2], weight, bias, bn)
+    out = torch.empty_like(x, memory_format=torch.channels_last)
+    epilogue_lib().elanet_epi_forward(_ptr(a), *geom, _ptr(x), _ptr(scale), _ptr(shift), _ptr(keep), int(relu), _ptr(out))
+    return out, (scale, shift, mean.float(), invstd, weight)
+
+
+def _backward_sums(a: Tensor, grad: Tensor, stats: tuple[Tensor, ...], keep: Tensor | None, relu: bool) -> Tensor:
+    """BN's two backward reductions ``[sum gy, sum gy (a - mean)]`` (``[2, C]`` double), gy the gradient
+    through DropPath and the activation."""
+    scale, shift, mean = stats[:3]
+    geom = _geometry(a)
+    sums = torch.empty(2, geom[1] * geom[3], dtype=torch.float64)
+    if epilogue_lib().elanet_epi_backward_sums(_ptr(a), *geom, _ptr(grad), _ptr(scale), _ptr(shift), _ptr(mean), _ptr(keep),
+                                               int(relu), _ptr(sums[0]), _ptr(sums[1])):
+        raise MemoryError("the fused BatchNorm could not allocate its per-thread sums")
+    return sums
+
+
 class _Epilogue(torch.autograd.Function):
     """``x + keep * act(BN_train(a))`` with BN's running statistics updated as ``nn.BatchNorm2d`` does."""
 
     @staticmethod
     def forward(ctx, a: Tensor, x: Tensor, weight: Tensor, bias: Tensor, bn: nn.BatchNorm2d, keep: Tensor | None,  # type: ignore[override]
                 relu: bool) -> Tensor:
-        lib = epilogue_lib()
-        geom = _geometry(a)
-        b, g, r, d = geom[:4]
-        c, n = g * d, geom[0] * geom[2]
-        sums = torch.empty(2, c, dtype=torch.float64)
-        if lib.elanet_epi_stats(_ptr(a), *geom, _ptr(sums[0]), _ptr(sums[1])):
-            raise MemoryError("the fused BatchNorm could not allocate its per-thread sums")
-        mean, invstd, scale, shift = _batch_stats(sums, n, weight, bias, bn)
-        out = torch.empty_like(x, memory_format=torch.channels_last)
-        lib.elanet_epi_forward(_ptr(a), *geom, _ptr(x), _ptr(scale), _ptr(shift), _ptr(keep), int(relu), _ptr(out))
+        out, ctx.stats = _normalise_add(a, x, _stats(a), weight, bias, bn, keep, relu)
         ctx.save_for_backward(a, keep)
-        ctx.geom, ctx.relu, ctx.n = geom, relu, n
-        ctx.stats = (scale, shift, mean.float(), invstd, weight)
+        ctx.relu = relu
         return out
 
     @staticmethod
@@ -97,23 +119,17 @@ class _Epilogue(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         a, keep = ctx.saved_tensors
         scale, shift, mean, invstd, weight = ctx.stats
-        geom, n = ctx.geom, ctx.n
+        geom = _geometry(a)
         grad = grad.contiguous(memory_format=torch.channels_last)
-        c = geom[1] * geom[3]
-        sums = torch.empty(2, c, dtype=torch.float64)
-        lib = epilogue_lib()
-        if lib.elanet_epi_backward_sums(_ptr(a), *geom, _ptr(grad), _ptr(scale), _ptr(shift), _ptr(mean), _ptr(keep),
-                                        int(ctx.relu), _ptr(sums[0]), _ptr(sums[1])):
-            raise MemoryError("the fused BatchNorm could not allocate its per-thread sums")
-        sum_gy, sum_gy_xc = sums[0], sums[1]
+        sums = _backward_sums(a, grad, ctx.stats, keep, ctx.relu)
         grad_a = None
         if ctx.needs_input_grad[0]:  # BN backward: w*invstd * (gy - mean(gy) - xhat * mean(gy * xhat))
-            c1, c2, c3 = _bn_backward_coefficients(sums, n, weight, invstd)
+            c1, c2, c3 = _bn_backward_coefficients(sums, geom[0] * geom[2], weight, invstd)
             grad_a = torch.empty_like(a)
-            lib.elanet_epi_backward(_ptr(a), *geom, _ptr(grad), _ptr(scale), _ptr(shift), _ptr(mean), _ptr(keep),
-                                    int(ctx.relu), _ptr(c1), _ptr(c2), _ptr(c3), _ptr(grad_a))
-        grad_w = (sum_gy_xc * invstd).float() if ctx.needs_input_grad[2] else None
-        grad_b = sum_gy.float() if ctx.needs_input_grad[3] else None
+            epilogue_lib().elanet_epi_backward(_ptr(a), *geom, _ptr(grad), _ptr(scale), _ptr(shift), _ptr(mean), _ptr(keep),
+                                               int(ctx.relu), _ptr(c1), _ptr(c2), _ptr(c3), _ptr(grad_a))
+        grad_w = (sums[1] * invstd).float() if ctx.needs_input_grad[2] else None
+        grad_b = sums[0].float() if ctx.needs_input_grad[3] else None
         return grad_a, grad if ctx.needs_input_grad[1] else None, grad_w, grad_b, None, None, None
 
 

@@ -48,8 +48,8 @@ def load_backbone(model: nn.Module, source: str | os.PathLike, *, backbone: str,
     if ckpt.get("model_name") != backbone:
         raise ValueError(f"--pretrained {source} holds {ckpt.get('model_name')} but the backbone is {backbone}: "
                          f"pass --model {ckpt.get('model_name')} or another checkpoint")
-    state = _adapt_stem({k: v for k, v in ckpt["model"].items() if not k.startswith("fc.")}, body.state_dict())
     own = body.state_dict()
+    state = _adapt_stem({k: v for k, v in ckpt["model"].items() if not k.startswith("fc.")}, own)
     shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
               if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape]
     if shapes:

@@ -8,8 +8,7 @@
  *
  * Geometry: element (b, g, r, j) of the branch input a is at a[b*sb + g*sg + r*sr + j], with
  * channel c = g*d + j (j < d contiguous) and r = h*W + w. x, out and grad are channels-last
- * [B, R, C] contiguous. A stage's per-head retrieval output [B, heads, H, W, d] and a channels-last
- * [B, C, H, W] tensor (G = 1, d = C) both fit.
+ * [B, R, C] contiguous. The Python side passes channels-last [B, C, H, W] tensors (G = 1, d = C).
  *
  * Threads are OpenMP's, from the libgomp torch itself runs on, so torch.set_num_threads applies.
  * Reductions sum in float over at most FLUSH_ROWS rows, then in double; they are deterministic for a
