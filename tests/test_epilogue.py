@@ -165,13 +165,14 @@ def test_fused_path_only_where_it_applies(case):
 
 
 @pytest.mark.skipif(not CAN_BUILD, reason="needs Linux and a C compiler")
-@pytest.mark.parametrize("capacity", [4, None])
+@pytest.mark.parametrize("capacity", [4, 6, None])
 @pytest.mark.parametrize("used", [[0, 2, 3], [0, 1], [3]])
 def test_native_retrieval_matches_float64_aggregate(use_kernels, capacity, used):
     """Channels-last float32 retrievals (values kept in place, one-pass backward) against the float64 reference
     ``aggregate``: every block's output, every value's and every attention weight's gradient, when only some
     blocks' outputs reach the loss (an earlier, the later or only the last ones) and with a retained graph run
-    backward twice. Capacity 4 takes the native path, None the stage buffer."""
+    backward twice. Capacities 4 and 6 (room for more values than the four stored) take the native path,
+    None the stage buffer."""
     use_kernels(True)
     torch.manual_seed(0)
     b, c, h, w, heads, n = 3, 8, 4, 5, 2, 4

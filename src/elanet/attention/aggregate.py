@@ -400,10 +400,11 @@ class _RetrieveNative(torch.autograd.Function):
             grad_x = g if ctx.needs_input_grad[4] else None
             grad_bn = ((sums[1] * invstd).float() if ctx.needs_input_grad[5] else None,
                        sums[0].float() if ctx.needs_input_grad[6] else None)
+        stored = values.len  # the blocks that ran forward (the capacity may hold more)
         if kept is None:  # no later block passed gradients back: this is the first backward of the stage
             kept = g.new_empty((total, b, h * w * c))
-            kept[n:].zero_()  # slots of later blocks that never ran backward (none when this is the last block)
-        later = range(n, total)  # slots of blocks n+1..N, 0-indexed
+            kept[n:stored].zero_()  # slots of later blocks that never ran backward (none when this is the last block)
+        later = range(n, stored)  # slots of the later blocks n+1.., 0-indexed
         lw = values.weights
         later_ptrs = _ptrs([kept[t] for t in later])
         later_w = (ctypes.c_void_p * len(later))(*[lw[t].data_ptr() + (n - 1) * c * lw[t].element_size() for t in later])
