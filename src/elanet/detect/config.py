@@ -112,15 +112,14 @@ class DetectConfig(RunConfig):
 _COCO_PRUNING = dict(windows=[[1, 1], [7, 7]], alpha=2.0, beta=5.0, tau=0.2)  # SPEC §3.2-3.3, paper §4.2
 
 DETECT_PRESETS: dict[str, dict[str, Any]] = {
-    # The embedded default: Mask R-CNN, ELA ResNet-18 from scratch, on the synthetic digits (128x128): 400 steps
-    # of batch 4 (2 epochs of 800 images), KL measured in epoch 1. Without the warm-up and the gradient
-    # clipping it diverges in the first iterations (and at lr 0.04 it collapses to AP 0). No flip: a mirrored
-    # digit is another glyph, and the job's AP is limited by telling the digits apart (box AP 11.0 -> 18.4
-    # without it; the boxes themselves are found: class-agnostic AP50 ~0.75). Heads between torchvision's and
-    # the lightest: a 128-channel FPN/RPN, a 512-d box head, two 64-channel mask convs (box AP 18.4 with
-    # 64/256/2x64, 27.4 with these, at 1.5x the CPU time). 128 sampled RoIs per image: with 32 the box
-    # classifier barely learned, with 512 a step cost ~5x more (the mask head runs on every positive).
-    # Measurements and the settings tried: benchmarks/RESULTS.md, detection.
+    # The embedded default: Mask R-CNN, ELA ResNet-18 from scratch, on the synthetic digits (128x128, ~7 per
+    # canvas): 500 steps of batch 4 (2 epochs of 1000 images), KL measured in epoch 1. Without the warm-up and the
+    # gradient clipping it diverges in the first iterations (and at lr 0.04 it collapses to AP 0). No flip: a
+    # mirrored digit is another glyph. Heads between torchvision's and the lightest: a 128-channel FPN/RPN, a
+    # 512-d box head, two 64-channel mask convs (box AP 18.4 with 64/256/2x64, 27.4 with these on the sparser
+    # set). 128 sampled RoIs per image: with 32 the box classifier barely learned, with 512 a step cost ~5x more.
+    # What lifted the AP from ~25 to ~50 was the set's density (more instances per step), and what paid for
+    # the extra steps the parallel RoIAlign backward (detect/roi_align.py). benchmarks/RESULTS.md, detection.
     "synthetic": dict(detector="mask_rcnn", model="resnet18_ela", epochs=2, batch_size=4, lr=0.02, momentum=0.9,
                       weight_decay=1e-4, warmup_iters=100, warmup_ratio=0.001, milestones=[], grad_clip=10.0,
                       min_size=128, max_size=128, flip=False, windows=[[1, 1]], alpha=2.0, beta=5.0, tau=0.2,
