@@ -53,7 +53,7 @@ def _sampling_matrix_t(rois: Tensor, shape: torch.Size, scale: float, out_h: int
     pixels = (rois[:, 0].long().view(k, 1, 1, 1, 1, 1, 1) * h + iy.view(k, out_h, 1, ratio, 2, 1, 1)) * w + ix.view(k, 1, out_w, 1, 1, ratio, 2)
     weights = wy.view(k, out_h, 1, ratio, 2, 1, 1) * wx.view(k, 1, out_w, 1, 1, ratio, 2) / (ratio * ratio)
     pixels, weights = pixels.reshape(-1), weights.reshape(-1)
-    order = torch.argsort(pixels)  # rows of S^T; a pixel hit twice keeps two entries, which the product sums
+    order = torch.argsort(pixels, stable=True)  # rows of S^T, in a fixed order (so sums repeat bit for bit); a pixel hit twice keeps two entries
     crow = torch.zeros(n * h * w + 1, dtype=torch.long, device=rois.device)
     crow[1:] = torch.bincount(pixels, minlength=n * h * w).cumsum(0)
     per_bin = 4 * ratio * ratio
