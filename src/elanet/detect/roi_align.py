@@ -94,8 +94,8 @@ def roi_align(input: Tensor, rois: Tensor, output_size: int | tuple[int, int], s
     anything else goes to torchvision unchanged.
     """
     out_h, out_w = (output_size, output_size) if isinstance(output_size, int) else output_size
-    if input.device.type == "cpu" and input.dtype == torch.float32 and input.requires_grad and torch.is_grad_enabled() and sampling_ratio > 0 \
-            and not torch.jit.is_scripting() and not torch.compiler.is_compiling() and rois.shape[0] > 0:
+    if input.device.type == "cpu" and input.dtype == torch.float32 and input.requires_grad and torch.is_grad_enabled() \
+            and sampling_ratio > 0 and rois.shape[0] > 0 and not torch.compiler.is_compiling():
         return RoIAlignFunction.apply(input, rois.to(input.dtype), float(spatial_scale), int(out_h), int(out_w),
                                       int(sampling_ratio), bool(aligned))
     return tv_roi_align(input, rois, (out_h, out_w), spatial_scale, sampling_ratio, aligned)
@@ -104,20 +104,20 @@ def roi_align(input: Tensor, rois: Tensor, output_size: int | tuple[int, int], s
 class FastMultiScaleRoIAlign(MultiScaleRoIAlign):
     """torchvision's ``MultiScaleRoIAlign`` (FPN level per box, FPN paper eq. 1) with :func:`roi_align`'s backward.
 
-    Same constructor, same outputs; in training on CPU the per-level RoIAlign backward is the
-    sparse-matrix one. Inference, tracing and export take torchvision's path unchanged.
+    Same constructor, same outputs; in training, each level's RoIAlign goes through :func:`roi_align`,
+    which decides where the sparse-matrix backward applies. Inference, tracing and export take
+    torchvision's path unchanged.
     """
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
-        feats = [v for k, v in x.items() if k in self.featmap_names]
-        if not (self.training and torch.is_grad_enabled() and feats and feats[0].device.type == "cpu"
-                and self.sampling_ratio > 0 and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
+        if not (self.training and torch.is_grad_enabled()) or torch.compiler.is_compiling() or torch.jit.is_tracing():
             return super().forward(x, boxes, image_shapes)
         if self.scales is None or self.map_levels is None:
-            super().forward(x, boxes[:1] if boxes else boxes, image_shapes)  # let torchvision infer the scales once
+            super().forward(x, boxes[:1], image_shapes)  # let torchvision infer the scales and level mapper once
+        feats = [v for k, v in x.items() if k in self.featmap_names]
         ids = torch.cat([torch.full((len(b), 1), i, dtype=b.dtype, device=b.device) for i, b in enumerate(boxes)])
         rois = torch.cat((ids, torch.cat(boxes)), 1)
-        levels = self.map_levels(boxes) if len(feats) > 1 else torch.zeros(len(rois), dtype=torch.long)
+        levels = self.map_levels(boxes)  # all zeros with a single level
         out = feats[0].new_zeros((len(rois), feats[0].shape[1]) + tuple(self.output_size))
         for level, (feat, scale) in enumerate(zip(feats, self.scales)):
             idx = torch.nonzero(levels == level).flatten()

@@ -1,8 +1,9 @@
 """The embedded detection set: scikit-learn's digits pasted on noisy canvases, written in COCO format.
 
 Every image is a 128x128 canvas with a noisy colour gradient holding non-overlapping digits (6-10
-tried, 4-9 placed, 6.8 on average: dense canvases give the detector more instances per step), each upscaled (3-5x, bilinear) and tinted with a random colour; the instance mask is where the
-glyph's intensity exceeds ``MASK_LEVEL``. The set is written to a cache folder in the COCO 2017
+tried, 4-9 placed, 6.8 on average: dense canvases give the detector more instances per step), each
+upscaled (3-5x, bilinear) and tinted with a random colour; the instance mask is where the glyph's
+intensity exceeds ``MASK_LEVEL``. The set is written to a cache folder in the COCO 2017
 layout (``annotations/instances_{train,val}2017.json``, ``train2017/``, ``val2017/``) so that the
 same reader as for real COCO data runs on it. Train and val are split by *source digit*: the 8x8
 glyphs pasted into the validation images never appear in a training image.
