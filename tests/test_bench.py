@@ -159,3 +159,53 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
         want = {"plain", "MRLA-L", "MRLA-B", "ELA 0%", "ELA 50%", "ELA 100%"} | ({"DIA"} if f"resnet{depth}_dia" in elanet.list_models() else set())
         assert got == {(v, f) for v in want for f in ("contiguous", "channels_last")}
         assert "--fractions 0 0.5 1" in report["command"] and "--no-kl" in report["command"]
+
+
+STAND_IN = '''
+import torch
+import elanet
+
+
+class _Model(torch.nn.Module):
+    def __init__(self, name, depth, num_classes, cuda_state):
+        super().__init__()
+        self.net, self.cuda_state = elanet.create_model(f"resnet{{depth}}{{name}}", num_classes=num_classes), cuda_state
+
+    def forward(self, x):
+        if self.cuda_state:  # as the DLA repository's DIA creates its LSTM state
+            x = x + torch.zeros(1).cuda()
+        return self.net(x)
+
+
+def {fn}(depth, num_classes, block_name, drop_path=0.0):
+    assert block_name == "Bottleneck"
+    return _Model("{suffix}", depth, num_classes, {cuda})
+'''
+
+
+def test_vs_authors_script_times_a_stand_in_checkout(tmp_path):
+    """benchmarks/vs_authors.py runs end to end on a checkout laid out like the DLA repository's."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    models = tmp_path / "dla" / "image_classification" / "cifar" / "models" / "cifar"
+    models.mkdir(parents=True)
+    for file, suffix, cuda in (("dia_resnet", "_dia", True), ("mrla_base", "_mrla_b", False), ("mrla_light", "_mrla_l", False)):
+        (models / f"{file}.py").write_text(STAND_IN.format(fn=file, suffix=suffix, cuda=cuda))
+    out = tmp_path / "vs.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, str(root / "benchmarks" / "vs_authors.py"), "--dla-repo", str(tmp_path / "dla"), "--depth", "20",
+           "--batch-size", "2", "--rounds", "2", "--warmup", "0", "--threads", "1", "--out", str(out)]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(out.read_text())
+    cases = {(r["who"], r["variant"], r["layout"]): r for r in report["results"]}
+    assert len(cases) == 16 and all(len(r["times"]) == 2 for r in cases.values())
+    for v in ("DIA", "MRLA-B", "MRLA-L"):  # the stand-ins are elanet's own models: equal counts
+        assert cases[("authors", v, "NHWC")]["params"] == cases[("elanet", v, "NCHW")]["params"]
+    assert len(report["ratios"]) == 8 and "| elanet ELA 50% (" in run.stdout
+    bad = subprocess.run(cmd[:3] + [str(tmp_path)], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "pass --dla-repo the root" in bad.stderr
