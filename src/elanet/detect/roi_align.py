@@ -1,14 +1,16 @@
-"""RoIAlign with a parallel CPU backward, and the multi-scale pooler of the detectors that uses it.
+"""RoIAlign as two parallel sparse-dense products on CPU, and the multi-scale pooler of the detectors that uses it.
 
-torchvision's CPU ``roi_align`` backward walks every (RoI, channel, bin, sample) on one thread and
-recomputes the bilinear weights per channel: in the embedded detection job it took a third of a
-training step on two cores. RoIAlign is linear in its input (He et al., Mask R-CNN, §3: each bin
-averages bilinearly interpolated samples), so its gradient is the transposed interpolation:
-``grad_input = S^T grad_output`` with ``S`` the sparse matrix of sample weights, at most 16 non-zeros
-per output bin (2x2 samples x 4 corners). :class:`RoIAlignFunction` keeps torchvision's forward and
-computes that product with a sparse-dense matrix multiply over channels-last rows. The weights follow
-torchvision's CPU kernel exactly (the ``aligned`` offset, the minimum RoI size of 1 without it,
-samples outside ``[-1, size]`` dropped, clamping at the borders).
+torchvision's CPU ``roi_align`` walks every (RoI, channel, bin, sample) on one thread, forward and
+backward, and its backward recomputes the bilinear weights per channel: in the embedded detection job
+the backward alone took a third of a training step on two cores. RoIAlign is linear in its input
+(He et al., Mask R-CNN, §3: each bin averages bilinearly interpolated samples): with ``S`` the sparse
+matrix of sample weights, at most 16 non-zeros per output bin (2x2 samples x 4 corners), the output
+is ``S @ input`` and the gradient ``S^T @ grad_output``, both over channels-last rows ``[N*H*W, C]``.
+:class:`RoIAlignFunction` builds ``S`` once per call (in bin order, so its CSR rows need no sort),
+and ``S^T`` in the backward (sorted stably by pixel, so every pixel's gradient sums in a fixed
+order). The weights follow torchvision's CPU kernel exactly (the ``aligned`` offset, the minimum RoI
+size of 1 without it, samples outside ``[-1, size]`` dropped, clamping at the borders); the outputs
+differ from torchvision's only by float rounding (another summation order).
 """
 from __future__ import annotations
 
@@ -38,8 +40,11 @@ def _axis_weights(start: Tensor, bin_size: Tensor, bins: int, ratio: int, size: 
     return torch.stack((low, high), -1), weights
 
 
-def _sampling_matrix_t(rois: Tensor, shape: torch.Size, scale: float, out_h: int, out_w: int, ratio: int, aligned: bool) -> Tensor:
-    """``S^T`` as a sparse CSR ``[N*H*W, K*out_h*out_w]`` matrix: column (k, ph, pw) holds bin (ph, pw)'s sample weights."""
+def _samples(rois: Tensor, shape: torch.Size, scale: float, out_h: int, out_w: int, ratio: int, aligned: bool) -> tuple[Tensor, Tensor]:
+    """Every (k, ph, pw, sy, cy, sx, cx) in bin order: its flat pixel ``(n * H + y) * W + x`` and its weight.
+
+    Bin ``(k, ph, pw)`` owns the ``4 * ratio**2`` consecutive entries starting at ``((k * out_h + ph) * out_w + pw) * 4 * ratio**2``.
+    """
     n, _, h, w = shape
     offset = 0.5 if aligned else 0.0
     x1, y1, x2, y2 = (rois[:, i] * scale - offset for i in range(1, 5))
@@ -49,38 +54,59 @@ def _sampling_matrix_t(rois: Tensor, shape: torch.Size, scale: float, out_h: int
     iy, wy = _axis_weights(y1, roi_h / out_h, out_h, ratio, h)  # [K, out_h, ratio, 2]
     ix, wx = _axis_weights(x1, roi_w / out_w, out_w, ratio, w)
     k = rois.shape[0]
-    # every (k, ph, pw, sy, cy, sx, cx) in bin order: its pixel (n, y, x) and weight
     pixels = (rois[:, 0].long().view(k, 1, 1, 1, 1, 1, 1) * h + iy.view(k, out_h, 1, ratio, 2, 1, 1)) * w + ix.view(k, 1, out_w, 1, 1, ratio, 2)
     weights = wy.view(k, out_h, 1, ratio, 2, 1, 1) * wx.view(k, 1, out_w, 1, 1, ratio, 2) / (ratio * ratio)
-    pixels, weights = pixels.reshape(-1), weights.reshape(-1)
-    order = torch.argsort(pixels, stable=True)  # rows of S^T, in a fixed order (so sums repeat bit for bit); a pixel hit twice keeps two entries
-    crow = torch.zeros(n * h * w + 1, dtype=torch.long, device=rois.device)
-    crow[1:] = torch.bincount(pixels, minlength=n * h * w).cumsum(0)
-    per_bin = 4 * ratio * ratio
+    return pixels.reshape(-1), weights.reshape(-1)
+
+
+def _csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
     with warnings.catch_warnings():  # torch calls CSR support "beta"; the layout is valid by construction
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
-        return torch.sparse_csr_tensor(crow, torch.div(order, per_bin, rounding_mode="floor"), weights[order],
-                                       (n * h * w, k * out_h * out_w), check_invariants=False)
+        return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
+
+
+def _sampling_matrix(pixels: Tensor, weights: Tensor, bins: int, pixel_count: int, per_bin: int) -> Tensor:
+    """``S`` as a sparse CSR ``[bins, pixel_count]`` matrix: row (k, ph, pw) holds bin (ph, pw)'s sample weights.
+
+    The samples come in bin order, so the rows need no sorting: every row has ``per_bin`` entries.
+    """
+    crow = torch.arange(0, bins * per_bin + 1, per_bin, device=pixels.device)
+    return _csr(crow, pixels, weights, (bins, pixel_count))
+
+
+def _sampling_matrix_t(pixels: Tensor, weights: Tensor, bins: int, pixel_count: int, per_bin: int) -> Tensor:
+    """``S^T`` as a sparse CSR ``[pixel_count, bins]`` matrix: the samples sorted by pixel."""
+    order = torch.argsort(pixels, stable=True)  # rows of S^T, in a fixed order (so sums repeat bit for bit); a pixel hit twice keeps two entries
+    crow = torch.zeros(pixel_count + 1, dtype=torch.long, device=pixels.device)
+    crow[1:] = torch.bincount(pixels, minlength=pixel_count).cumsum(0)
+    return _csr(crow, torch.div(order, per_bin, rounding_mode="floor"), weights[order], (pixel_count, bins))
+
+
+def _rows(t: Tensor) -> Tensor:
+    """``[N, C, H, W]`` as ``[N*H*W, C]`` rows: a view of channels-last storage, a copy otherwise."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
 
 class RoIAlignFunction(torch.autograd.Function):
-    """torchvision's RoIAlign forward; backward as one sparse-dense product (module docstring)."""
+    """RoIAlign as ``S @ input`` forward and ``S^T @ grad`` backward over channels-last rows (module docstring)."""
 
     @staticmethod
     def forward(ctx: Any, input: Tensor, rois: Tensor, scale: float, out_h: int, out_w: int, ratio: int, aligned: bool) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(rois)
-        ctx.args = (input.shape, scale, out_h, out_w, ratio, aligned)
+        n, c, h, w = input.shape
+        k = rois.shape[0]
+        pixels, weights = _samples(rois, input.shape, scale, out_h, out_w, ratio, aligned)
+        ctx.save_for_backward(pixels, weights)
+        ctx.args = (input.shape, k * out_h * out_w, 4 * ratio * ratio)
         ctx.input_channels_last = input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous()
-        return torch.ops.torchvision.roi_align(input, rois, scale, out_h, out_w, ratio, aligned)
+        s = _sampling_matrix(pixels, weights, k * out_h * out_w, n * h * w, 4 * ratio * ratio)
+        return (s @ _rows(input)).view(k, out_h, out_w, c).permute(0, 3, 1, 2)  # channels-last storage
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
-        (rois,) = ctx.saved_tensors
-        shape, scale, out_h, out_w, ratio, aligned = ctx.args
-        n, c, h, w = shape
-        s_t = _sampling_matrix_t(rois, shape, scale, out_h, out_w, ratio, aligned)
-        rows = grad.permute(0, 2, 3, 1).reshape(-1, c).to(s_t.dtype)  # [K*out_h*out_w, C]
-        grad_input = (s_t @ rows).view(n, h, w, c).permute(0, 3, 1, 2)  # channels-last storage
+        pixels, weights = ctx.saved_tensors
+        (n, c, h, w), bins, per_bin = ctx.args
+        s_t = _sampling_matrix_t(pixels, weights, bins, n * h * w, per_bin)
+        grad_input = (s_t @ _rows(grad).to(s_t.dtype)).view(n, h, w, c).permute(0, 3, 1, 2)  # channels-last storage
         if not ctx.input_channels_last:
             grad_input = grad_input.contiguous()
         return grad_input.to(grad.dtype), None, None, None, None, None, None
@@ -88,10 +114,10 @@ class RoIAlignFunction(torch.autograd.Function):
 
 def roi_align(input: Tensor, rois: Tensor, output_size: int | tuple[int, int], spatial_scale: float = 1.0,
               sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
-    """``torchvision.ops.roi_align`` (``rois`` as ``[K, 5]``) with the parallel backward on CPU.
+    """``torchvision.ops.roi_align`` (``rois`` as ``[K, 5]``), in training on CPU as parallel sparse products.
 
-    The fast backward needs a float32 CPU input that requires grad and a fixed ``sampling_ratio > 0``;
-    anything else goes to torchvision unchanged.
+    The sparse path (:class:`RoIAlignFunction`) needs a float32 CPU input that requires grad and a fixed
+    ``sampling_ratio > 0``; anything else goes to torchvision unchanged.
     """
     out_h, out_w = (output_size, output_size) if isinstance(output_size, int) else output_size
     if input.device.type == "cpu" and input.dtype == torch.float32 and input.requires_grad and torch.is_grad_enabled() \
@@ -102,10 +128,10 @@ def roi_align(input: Tensor, rois: Tensor, output_size: int | tuple[int, int], s
 
 
 class FastMultiScaleRoIAlign(MultiScaleRoIAlign):
-    """torchvision's ``MultiScaleRoIAlign`` (FPN level per box, FPN paper eq. 1) with :func:`roi_align`'s backward.
+    """torchvision's ``MultiScaleRoIAlign`` (FPN level per box, FPN paper eq. 1) with :func:`roi_align` in training.
 
-    Same constructor, same outputs; in training, each level's RoIAlign goes through :func:`roi_align`,
-    which decides where the sparse-matrix backward applies. Inference, tracing and export take
+    Same constructor, same outputs up to float rounding; in training, each level's RoIAlign goes through
+    :func:`roi_align`, which decides where the sparse products apply. Inference, tracing and export take
     torchvision's path unchanged.
     """
 
