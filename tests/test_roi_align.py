@@ -57,12 +57,27 @@ def test_other_cases_go_to_torchvision() -> None:
     x = torch.randn(1, 2, 8, 8, requires_grad=True)
     rois = torch.tensor([[0.0, 1.0, 1.0, 6.0, 6.0]])
     assert "RoIAlignFunction" not in type(roi_align(x, rois, 3, 1.0, -1).grad_fn).__name__  # adaptive sampling
-    assert roi_align(x.detach(), rois, 3, 1.0, 2).grad_fn is None
+    assert "RoIAlignFunction" not in type(roi_align(x.double(), rois.double(), 3, 1.0, 2).grad_fn).__name__
     empty = roi_align(x, rois[:0], 3, 1.0, 2)
     assert empty.shape == (0, 2, 3, 3)
+    traced = torch.jit.trace(lambda t: roi_align(t, rois, 3, 1.0, 2), (x.detach(),))
+    assert "torchvision::roi_align" in str(traced.graph)  # a traced graph keeps torchvision's op
 
 
-def test_multiscale_pooler_equals_torchvision_in_training() -> None:
+def test_inference_takes_the_sparse_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 16, 16, generator=gen).contiguous(memory_format=torch.channels_last)
+    rois = _rois(2, 30, 32.0, gen)
+    ref = tv_roi_align(x, rois, 7, 0.5, 2, False)
+    monkeypatch.setattr("elanet.detect.roi_align.tv_roi_align", lambda *a: pytest.fail("went to torchvision"))
+    with torch.inference_mode():
+        got = roi_align(x, rois, 7, 0.5, 2)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert ref.abs().max() > 1.0
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_multiscale_pooler_equals_torchvision(training: bool) -> None:
     gen = torch.Generator().manual_seed(1)
     feats = OrderedDict((str(i), torch.randn(2, 4, 32 >> i, 32 >> i, generator=gen, requires_grad=True)) for i in range(4))
     boxes = [torch.tensor([[2.0, 3.0, 30.0, 25.0], [10.0, 10.0, 100.0, 120.0], [0.0, 0.0, 127.0, 127.0]]),
@@ -71,7 +86,7 @@ def test_multiscale_pooler_equals_torchvision_in_training() -> None:
     grad = torch.randn(5, 4, 7, 7, generator=gen)
     outs = []
     for pool in (MultiScaleRoIAlign(list(feats), 7, 2, canonical_scale=64), FastMultiScaleRoIAlign(list(feats), 7, 2, canonical_scale=64)):
-        y = pool.train()(feats, boxes, shapes)
+        y = pool.train(training)(feats, boxes, shapes)
         outs.append((y, torch.autograd.grad(y, list(feats.values()), grad, allow_unused=True)))
     (ref, ref_grads), (got, got_grads) = outs
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

@@ -114,29 +114,30 @@ class RoIAlignFunction(torch.autograd.Function):
 
 def roi_align(input: Tensor, rois: Tensor, output_size: int | tuple[int, int], spatial_scale: float = 1.0,
               sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
-    """``torchvision.ops.roi_align`` (``rois`` as ``[K, 5]``), in training on CPU as parallel sparse products.
+    """``torchvision.ops.roi_align`` (``rois`` as ``[K, 5]``), on CPU as parallel sparse products.
 
-    The sparse path (:class:`RoIAlignFunction`) needs a float32 CPU input that requires grad and a fixed
-    ``sampling_ratio > 0``; anything else goes to torchvision unchanged.
+    The sparse path (:class:`RoIAlignFunction`) takes a float32 CPU input with a fixed
+    ``sampling_ratio > 0`` in eager mode; anything else (other devices and dtypes, adaptive sampling,
+    tracing, ``torch.compile`` / ``torch.export``) goes to torchvision unchanged.
     """
     out_h, out_w = (output_size, output_size) if isinstance(output_size, int) else output_size
-    if input.device.type == "cpu" and input.dtype == torch.float32 and input.requires_grad and torch.is_grad_enabled() \
-            and sampling_ratio > 0 and rois.shape[0] > 0 and not torch.compiler.is_compiling():
+    if input.device.type == "cpu" and input.dtype == torch.float32 and sampling_ratio > 0 and rois.shape[0] > 0 \
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and not torch.jit.is_scripting():
         return RoIAlignFunction.apply(input, rois.to(input.dtype), float(spatial_scale), int(out_h), int(out_w),
                                       int(sampling_ratio), bool(aligned))
     return tv_roi_align(input, rois, (out_h, out_w), spatial_scale, sampling_ratio, aligned)
 
 
 class FastMultiScaleRoIAlign(MultiScaleRoIAlign):
-    """torchvision's ``MultiScaleRoIAlign`` (FPN level per box, FPN paper eq. 1) with :func:`roi_align` in training.
+    """torchvision's ``MultiScaleRoIAlign`` (FPN level per box, FPN paper eq. 1) with :func:`roi_align`.
 
-    Same constructor, same outputs up to float rounding; in training, each level's RoIAlign goes through
-    :func:`roi_align`, which decides where the sparse products apply. Inference, tracing and export take
-    torchvision's path unchanged.
+    Same constructor, same outputs up to float rounding; each level's RoIAlign goes through
+    :func:`roi_align`, which decides where the sparse products apply. Tracing, scripting and
+    ``torch.compile`` / ``torch.export`` take torchvision's path unchanged.
     """
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
-        if not (self.training and torch.is_grad_enabled()) or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
             return super().forward(x, boxes, image_shapes)
         if self.scales is None or self.map_levels is None:
             super().forward(x, boxes[:1], image_shapes)  # let torchvision infer the scales and level mapper once
