@@ -209,3 +209,22 @@ def test_vs_authors_script_times_a_stand_in_checkout(tmp_path):
     assert len(report["ratios"]) == 8 and "| elanet ELA 50% (" in run.stdout
     bad = subprocess.run(cmd[:3] + [str(tmp_path)], env=env, capture_output=True, text=True)
     assert bad.returncode != 0 and "pass --dla-repo the root" in bad.stderr
+
+
+def test_retrieval_floor_script_counts_the_active_blocks():
+    """benchmarks/retrieval_floor.py profiles a small ELA model and counts one active block per stage at 100 % pruned."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "retrieval_floor.py"), "--model", "resnet20_ela",
+                          "--pruned", "1", "--batch-size", "4", "--threads", "1", "--steps", "1"],
+                         env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert [line.split(":")[1].split(",")[0].strip() for line in run.stdout.splitlines() if line.startswith("stage ")] == \
+        ["1 active blocks"] * 3
+    rows = {line.split("|")[1].strip(): line for line in run.stdout.splitlines() if line.startswith("| ")}
+    assert "all four" in rows and all(f"`{op}`" in run.stdout for op in ("_ValuePool", "_RetrieveNative"))
