@@ -122,7 +122,7 @@ def roi_align(input: Tensor, rois: Tensor, output_size: int | tuple[int, int], s
     """
     out_h, out_w = (output_size, output_size) if isinstance(output_size, int) else output_size
     if input.device.type == "cpu" and input.dtype == torch.float32 and sampling_ratio > 0 and rois.shape[0] > 0 \
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and not torch.jit.is_scripting():
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
         return RoIAlignFunction.apply(input, rois.to(input.dtype), float(spatial_scale), int(out_h), int(out_w),
                                       int(sampling_ratio), bool(aligned))
     return tv_roi_align(input, rois, (out_h, out_w), spatial_scale, sampling_ratio, aligned)
@@ -132,12 +132,12 @@ class FastMultiScaleRoIAlign(MultiScaleRoIAlign):
     """torchvision's ``MultiScaleRoIAlign`` (FPN level per box, FPN paper eq. 1) with :func:`roi_align`.
 
     Same constructor, same outputs up to float rounding; each level's RoIAlign goes through
-    :func:`roi_align`, which decides where the sparse products apply. Tracing, scripting and
+    :func:`roi_align`, which decides where the sparse products apply. Tracing and
     ``torch.compile`` / ``torch.export`` take torchvision's path unchanged.
     """
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
-        if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return super().forward(x, boxes, image_shapes)
         if self.scales is None or self.map_levels is None:
             super().forward(x, boxes[:1], image_shapes)  # let torchvision infer the scales and level mapper once
