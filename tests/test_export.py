@@ -110,6 +110,31 @@ def test_export_onnx_matches_checkpoint_through_onnxruntime(pruned_run, tmp_path
     assert json.loads(capsys.readouterr().out)["ela_blocks"] == len(MASK)
 
 
+def test_exported_retrieval_stores_nothing_in_place(tmp_path):
+    """Every stage keeps several active blocks; their values reach the aggregation as a concatenation,
+    not as in-place stores into one buffer (which ONNX turns into scatters over the whole buffer,
+    4x slower in onnxruntime), and the graphs still compute the model's outputs."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    model = create_model("resnet20_ela", num_classes=4).eval()
+    set_mask(model, MASK)
+    with torch.no_grad():  # as export_model traces
+        program = torch.export.export(inference_model(model), (torch.randn(2, 3, 16, 16),), strict=False)
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert not any("copy" in t or "scatter" in t or "index_put" in t for t in targets), sorted(targets)
+    assert "aten.bmm.default" in targets  # the retrieval of eq. 5 is there (stages 1 and 3 keep two blocks)
+    report = export_model(model, tmp_path / "ela.onnx", input_size=(3, 16, 16))
+    ops = {n.op_type for n in onnx.load(str(report.path)).graph.node}
+    assert not any("Scatter" in op for op in ops) and "MatMul" in ops, sorted(ops)
+    assert report.max_abs_diff <= 1e-5
+    session, _ = load_exported(report.path)
+    assert session.metadata["macs"] == report.after.macs
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(session(x), model(x), rtol=0, atol=1e-5)
+
+
 def test_export_keeps_attention_of_an_unpruned_model(tmp_path):
     model = create_model("resnet20_mrla_l", num_classes=4).eval()
     report = export_model(model, tmp_path / "l.pt2", input_size=(3, 16, 16))

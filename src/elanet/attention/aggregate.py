@@ -150,10 +150,11 @@ class LayerMemory:
     def retrieve(self, weights: Tensor, value: Tensor) -> Tensor:
         """Store ``value`` as the newest layer, then aggregate all stored values (paper eq. 5).
 
-        Three paths compute the same sum: with gradients, the custom autograd below (eagerly; under
-        ``torch.compile`` it would be a graph break); under ``torch.compile``, plain differentiable
-        ops that the compiler traces and differentiates (no graph break); without gradients
-        (inference, ``torch.export`` / ONNX), plain ops on the stage's buffer.
+        Three paths compute the same sum. Under ``torch.compile`` and ``torch.export``: plain
+        differentiable ops on a list of the values (:func:`aggregate`), which the compiler traces
+        without a graph break and which export to ONNX without in-place stores (onnxruntime runs
+        those as scatters over the whole buffer, 4x slower end to end). Eagerly with gradients: the
+        custom autograd below. Eagerly without gradients (inference): plain ops on the stage's buffer.
 
         Args:
             weights: attention ``[B, heads, n]`` over the ``n = len(self) + 1`` layers, newest last: a
@@ -166,11 +167,13 @@ class LayerMemory:
             ``sum_s weights[:, h, s] * v_s[:, h-th channel group]``.
         """
         self._check(weights, value)
+        if torch.compiler.is_compiling():  # torch.compile / torch.export: no in-place stores (ONNX makes them scatters)
+            self._traced.append(value)
+            if len(self._traced) == 1 and not torch.is_grad_enabled():  # a softmax over one layer is exactly 1
+                return value
+            return aggregate(weights, self._traced)
         if not torch.is_grad_enabled():
             return self._retrieve_inference(weights, value)
-        if torch.compiler.is_compiling():
-            self._traced.append(value)
-            return aggregate(weights, self._traced)
         if self._native(weights, value):
             return self._retrieve_native(weights, value)
         return self._retrieve_autograd(weights, value)
