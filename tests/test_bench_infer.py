@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -54,3 +56,32 @@ def test_bench_infer_command(tmp_path, capsys):
     assert len(report["targets"]) == 6 and all(isinstance(t["met"], bool) for t in report["targets"])
     assert main(["bench", "--mode", "infer", "--run", str(tmp_path), "--out", str(out)]) == 2
     assert "belong to --mode train" in capsys.readouterr().err
+
+
+def test_bench_infer_onnxruntime_times_every_variant_as_an_onnx_file(tmp_path):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "infer.json"
+    argv = ["bench", "--mode", "infer", "--runtime", "onnxruntime", "--depths", "20", "--batch-sizes", "1", "2",
+            "--steps", "1", "--warmup", "0", "--threads", "1", "--image-size", "16", "--out", str(out), "--quiet"]
+    # its own process: the benchmark puts every onnxruntime session of its process on one shared pool
+    done = subprocess.run([sys.executable, "-m", "elanet", *argv], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "every variant exported to ONNX and run by onnxruntime" in done.stdout
+    report = json.loads(out.read_text())
+    assert report["settings"]["runtime"] == "onnxruntime" and "--runtime onnxruntime" in report["command"]
+    assert "onnxruntime" in report["versions"]
+    res = report["results"]  # one layout per variant: the graph does not depend on it
+    assert len(res) == 10 and all(r["best_layout"] and r["memory_format"] == "contiguous" for r in res)
+    params = {r["variant"]: r["mparams"] for r in res[:5]}
+    assert params["plain"] < params["ELA 100% exported"] < params["ELA 50% exported"] < params["ELA 0% exported"]
+    assert len(report["targets"]) == 6 and all(t["overhead_s"] == t["overhead_s"] for t in report["targets"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["infer.json"]  # the exported files were temporary
+
+
+def test_bench_infer_onnxruntime_refuses_compile_and_cuda():
+    from elanet.bench import make_infer_variants, run_infer_benchmark
+
+    with pytest.raises(ValueError, match="--device cpu, without --compile"):
+        run_infer_benchmark(make_infer_variants([20])[:1], runtime="onnxruntime", compile=True)
+    with pytest.raises(ValueError, match="unknown runtime 'tensorrt'"):
+        run_infer_benchmark(make_infer_variants([20])[:1], runtime="tensorrt")

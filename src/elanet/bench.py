@@ -15,6 +15,7 @@ import platform
 import random
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import record_attention
+from .export import export_model, inference_model, load_exported, share_onnxruntime_threads
 from .models import create_model, list_models, list_variants, model_info
 from .profile import profile
 from .runtime import keep_freed_memory
@@ -448,6 +450,7 @@ def save_json(report: dict[str, Any], path: str | Path) -> Path:
 INFER_SCHEMA = "elanet-bench-infer/1"
 INFER_FRACTIONS = (0.0, 0.5, 1.0)
 INFER_BATCHES = (1, 64)
+RUNTIMES = ("torch", "onnxruntime")
 
 
 def make_infer_variants(depths: Sequence[int], *, fractions: Sequence[float] = INFER_FRACTIONS) -> list[Variant]:
@@ -466,8 +469,6 @@ def make_infer_variants(depths: Sequence[int], *, fractions: Sequence[float] = I
 
 def _infer_model(v: Variant, *, num_classes: int, device: torch.device, seed: int) -> nn.Module:
     """The eval-mode model of a variant; an ELA variant as exported (:func:`elanet.export.inference_model`)."""
-    from .export import inference_model
-
     torch.manual_seed(seed)
     model = create_model(v.model, num_classes=num_classes).eval()
     if v.mask is not None:
@@ -509,6 +510,7 @@ def run_infer_benchmark(
     seed: int = 0,
     compile: bool = False,
     memory_formats: Sequence[str] = LAYOUTS,
+    runtime: str = "torch",
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Time eval-mode forward passes of every variant at every batch size and layout, interleaved.
@@ -517,27 +519,54 @@ def run_infer_benchmark(
     records the time per forward. Rounds shuffle the variants as in :func:`run_benchmark`. Each
     entry's ``best_layout`` marks the faster layout of its variant at its batch size; the targets
     compare every variant at its faster layout, as the training benchmark does.
+
+    ``runtime='onnxruntime'`` times the deployed form instead: every variant, plain and MRLA-B
+    included, is written by :func:`elanet.export.export_model` as ONNX (into a temporary folder)
+    and run by an onnxruntime CPU session; the sessions share one pool of ``torch.get_num_threads()``
+    threads, for the rest of the process (:func:`elanet.export.share_onnxruntime_threads`).
+    onnxruntime chooses its own layout, so ``memory_formats`` does not apply.
     """
     if steps < 1 or warmup < 0 or not batch_sizes or min(batch_sizes) < 1:
         raise ValueError(f"need steps >= 1, warmup >= 0 and batch sizes >= 1, got {steps}, {warmup}, {list(batch_sizes)}")
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but CUDA is not available: use --device cpu")
+    onnx = runtime == "onnxruntime"
+    if onnx and (device.type != "cpu" or compile):
+        raise ValueError("--runtime onnxruntime times the exported ONNX files on the CPU: use --device cpu, without --compile")
     formats = list(dict.fromkeys(resolve_memory_format(f, device) for f in memory_formats))
+    if onnx:
+        formats = [torch.contiguous_format]  # the exported graph is the same for both layouts
     if not formats:
         raise ValueError("memory_formats is empty: pass contiguous, channels_last or auto")
     if compile:  # one compilation per model, layout and batch size
         n = 8 * len(variants) * len(formats) * len(batch_sizes)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, n)
-    models, sizes, cases = [], [], []  # cases: (variant index, layout) per model
+    models, sources, sizes, cases = [], [], [], []  # cases: (variant index, layout) per model
+    folder = tempfile.TemporaryDirectory(prefix="elanet-bench-") if onnx else None
+    if onnx:
+        share_onnxruntime_threads(torch.get_num_threads())
     for k, v in enumerate(variants):
         info = model_info(v.model)
         model = _infer_model(v, num_classes=info["num_classes"], device=device, seed=seed)
+        size = (3, image_size, image_size) if image_size else tuple(info["input_size"])
         for fmt in formats:
             m = copy.deepcopy(model).to(memory_format=fmt)
-            models.append(torch.compile(m) if compile else m)
-            sizes.append((3, image_size, image_size) if image_size else info["input_size"])
+            if onnx:
+                if log is not None:
+                    log(f"exporting {v.model} ({v.label}) to ONNX, {k + 1}/{len(variants)}")
+                path = Path(folder.name) / f"{k}.onnx"
+                export_model(m, path, input_size=size)
+                models.append(load_exported(path)[0])
+            else:
+                models.append(torch.compile(m) if compile else m)
+            sources.append(m)
+            sizes.append(size)
             cases.append((k, fmt))
+    if folder is not None:  # the sessions hold the graphs; the files are not needed any more
+        folder.cleanup()
     jobs = [(i, b) for b in batch_sizes for i in range(len(models))]
     g = torch.Generator().manual_seed(seed)
     base = {(b, s): torch.randn(b, *s, generator=g) for b in batch_sizes for s in set(sizes)}
@@ -566,7 +595,7 @@ def run_infer_benchmark(
     for b in batch_sizes:
         for i, (k, fmt) in enumerate(cases):
             v = variants[k]
-            prof = profile(getattr(models[i], "_orig_mod", models[i]), sizes[i])
+            prof = profile(sources[i], sizes[i])
             ts = times[(i, b)]
             results.append({"model": v.model, "depth": v.depth, "variant": v.label, "pruned_fraction": v.pruned_fraction,
                             "batch_size": b, "memory_format": format_name(fmt), "median_s": statistics.median(ts),
@@ -579,17 +608,24 @@ def run_infer_benchmark(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "settings": {"batch_sizes": list(batch_sizes), "steps": steps, "warmup": warmup, "device": str(device),
                      "threads": torch.get_num_threads(), "image_size": image_size, "seed": seed, "compile": compile,
-                     "memory_formats": [format_name(f) for f in formats],
-                     "what": "eval-mode forward under torch.inference_mode; exported ELA = the model with pruned "
-                             "attention removed and attention BN folded into the value conv "
-                             "(elanet.export.inference_model), as elanet export writes it"},
+                     "memory_formats": [format_name(f) for f in formats], "runtime": runtime,
+                     "what": ("every variant written as ONNX by elanet.export.export_model and run by onnxruntime (CPU)"
+                              if onnx else "eval-mode forward under torch.inference_mode") +
+                             "; exported ELA = the model with pruned attention removed and attention BN folded into the "
+                             "value conv (elanet.export.inference_model), as elanet export writes it"},
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "loadavg_1min": load,
                     "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"},
-        "versions": _versions(),
+        "versions": _versions() | ({"onnxruntime": _onnxruntime_version()} if onnx else {}),
         "results": results,
         "targets": infer_targets(results),
     }
+
+
+def _onnxruntime_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
 
 
 def format_infer_table(report: dict[str, Any]) -> str:
@@ -599,6 +635,8 @@ def format_infer_table(report: dict[str, Any]) -> str:
     head = (f"{'model':<16} {'variant':<18} {'layout':<6} {'batch':>5} {'fwd ms':>9} {'xplain':>6} {'+ms':>8} {'limit ms':>9} "
             f"{'target':>6} {'GMACs':>7} {'Mparams':>7}")
     lines = [head, "-" * len(head)]
+    if report["settings"].get("runtime", "torch") != "torch":
+        lines.insert(0, f"every variant exported to ONNX and run by {report['settings']['runtime']}")
     for r in res:
         plain = next(o for o in res if o["depth"] == r["depth"] and o["batch_size"] == r["batch_size"] and o["variant"] == "plain"
                      and o.get("best_layout", True))

@@ -34,7 +34,8 @@ from .attention import LayerMemory, MRLABase
 from .profile import Profile, profile
 
 __all__ = ["FORMATS", "ExportReport", "strip_pruned", "fold_attention_bn", "specialise_attention", "inference_model",
-           "InferenceMRLA", "LoneValue", "export_model", "load_exported", "ExportedModel"]
+           "InferenceMRLA", "LoneValue", "export_model", "load_exported", "ExportedModel",
+           "share_onnxruntime_threads"]
 
 FORMATS = (".pt2", ".onnx")
 META_KEY = "elanet.json"  # the metadata entry: an extra file of the .pt2 archive, a metadata_props key in ONNX
@@ -307,6 +308,39 @@ def _save_onnx(program: torch.export.ExportedProgram, x: Tensor, path: Path, met
     onnx.save(proto, str(path))
 
 
+_shared_pool: list[int] = []  # the size of onnxruntime's process-wide thread pool, once made
+
+
+def share_onnxruntime_threads(threads: int) -> None:
+    """Run every onnxruntime session of this process on one shared pool of ``threads`` threads.
+
+    Several sessions with threads of their own, run one after another, leave their idle threads
+    spinning against the next session's on a small machine (``elanet bench --runtime onnxruntime``
+    times ten of them interleaved). Process-wide and for good: onnxruntime then refuses any session
+    with threads of its own, so every later session must set ``use_per_session_threads = False``
+    (:func:`load_exported` does). The first call sets the size; later calls change nothing.
+    """
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    if not _shared_pool:
+        _onnx_modules()
+        from onnxruntime.capi import _pybind_state  # the only handle on the global pool in the Python API
+
+        _pybind_state.set_global_thread_pool_sizes(threads, 1)
+        _shared_pool.append(threads)
+
+
+def _session_options(ort, threads: int | None):
+    options = ort.SessionOptions()
+    if _shared_pool:
+        options.use_per_session_threads = False
+    elif threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    return options
+
+
 class ExportedModel(nn.Module):
     """An exported graph as a module: ``model(images) -> logits`` (eval mode only).
 
@@ -328,10 +362,14 @@ class ExportedModel(nn.Module):
         return self._run(x)
 
 
-def load_exported(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[ExportedModel, dict[str, Any]]:
+def load_exported(
+    path: str | os.PathLike, *, device: str | torch.device = "cpu", threads: int | None = None
+) -> tuple[ExportedModel, dict[str, Any]]:
     """Load a ``.pt2`` or ``.onnx`` file written by :func:`export_model`: the module and its metadata.
 
     ONNX runs through onnxruntime on the CPU; inputs on another device are copied over and back.
+    The session has ``threads`` intra-op threads of its own (onnxruntime's default, one per core,
+    when ``None``), or runs on the shared pool once :func:`share_onnxruntime_threads` made one.
 
     Raises:
         FileNotFoundError: no such file.
@@ -353,7 +391,8 @@ def load_exported(path: str | os.PathLike, *, device: str | torch.device = "cpu"
         onnx, ort = _onnx_modules()
         try:
             proto = onnx.load(str(path), load_external_data=False)
-            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            options = _session_options(ort, threads)
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001
             raise ValueError(f"{path} is not a readable ONNX model ({type(e).__name__}): export it again") from None
         meta = next((json.loads(p.value) for p in proto.metadata_props if p.key == META_KEY), {})

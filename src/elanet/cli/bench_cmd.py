@@ -9,6 +9,7 @@ Example::
     elanet bench --depths 50 --batch-size 16 --steps 5     # ImageNet ResNet-50 at 224x224
     elanet bench --depths 56 --run runs/ela56              # adds the final mask of a training run
     elanet bench --mode infer --depths 56 110              # eval forward: plain, MRLA-B, exported ELA 0/50/100 %
+    elanet bench --mode infer --runtime onnxruntime        # the same, every variant as an ONNX file in onnxruntime
     elanet bench --depths 56 --compile                     # the same steps through torch.compile
 """
 from __future__ import annotations
@@ -19,8 +20,8 @@ import sys
 
 import torch
 
-from ..bench import (DEFAULT_VARIANTS, FRACTIONS, INFER_BATCHES, INFER_FRACTIONS, LAYOUTS, format_infer_table, format_table,
-                     make_infer_variants, make_variants, run_benchmark, run_infer_benchmark, save_json)
+from ..bench import (DEFAULT_VARIANTS, FRACTIONS, INFER_BATCHES, INFER_FRACTIONS, LAYOUTS, RUNTIMES, format_infer_table,
+                     format_table, make_infer_variants, make_variants, run_benchmark, run_infer_benchmark, save_json)
 from ..training.layout import MEMORY_FORMATS
 from .paths import check_output_file
 
@@ -42,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=["train", "infer"], default="train",
                    help="train: one training step; infer: eval-mode forward of plain, MRLA-B and exported ELA")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=list(INFER_BATCHES), help="--mode infer: batch sizes")
+    p.add_argument("--runtime", choices=list(RUNTIMES), default="torch",
+                   help="--mode infer: torch (eager, default) or onnxruntime (every variant exported to ONNX and run by "
+                        "onnxruntime on the CPU, as it would be deployed)")
     p.add_argument("--compile", action="store_true", help="run every model through torch.compile (inductor)")
     p.add_argument("--fractions", type=float, nargs="+", default=None,
                    help=f"pruned fractions of the fixed, evenly spread ELA masks (default {' '.join(f'{f:g}' for f in FRACTIONS)}; "
@@ -79,6 +83,8 @@ def _command(args: argparse.Namespace) -> str:
         words += ["--run", args.run]
     if args.compile:
         words.append("--compile")
+    if args.mode == "infer" and args.runtime != "torch":
+        words += ["--runtime", args.runtime]
     return shlex.join(words)
 
 
@@ -141,13 +147,18 @@ def _run(args: argparse.Namespace) -> int:
 def _run_infer(args: argparse.Namespace, log) -> int:
     if args.run or args.no_kl:
         raise ValueError("--run and --no-kl belong to --mode train: drop them for --mode infer")
+    if args.runtime == "onnxruntime":
+        from ..export import _onnx_modules
+
+        _onnx_modules()  # the extra is missing: say so before any model is built
     args.fractions = list(INFER_FRACTIONS) if args.fractions is None else args.fractions
     variants = make_infer_variants(args.depths, fractions=args.fractions)
     if log:
         log(f"benchmarking the forward of {len(variants)} variants at batch {args.batch_sizes} on {args.device} ({args.threads} threads)")
     report = run_infer_benchmark(variants, batch_sizes=args.batch_sizes, steps=args.steps, warmup=args.warmup, device=args.device,
                                  image_size=args.image_size, seed=args.seed, compile=args.compile, log=log,
-                                 memory_formats=LAYOUTS if args.memory_format == "both" else (args.memory_format,))
+                                 memory_formats=LAYOUTS if args.memory_format == "both" else (args.memory_format,),
+                                 runtime=args.runtime)
     report["command"] = _command(args)
     print(format_infer_table(report))
     print(f"saved {save_json(report, args.out)}")
