@@ -228,3 +228,21 @@ def test_retrieval_floor_script_counts_the_active_blocks():
         ["1 active blocks"] * 3
     rows = {line.split("|")[1].strip(): line for line in run.stdout.splitlines() if line.startswith("| ")}
     assert "all four" in rows and all(f"`{op}`" in run.stdout for op in ("_ValuePool", "_RetrieveNative"))
+
+
+def test_lone_value_cost_script_times_every_part():
+    """benchmarks/lone_value_cost.py finds the three lone blocks of a fully pruned ResNet-20 ELA and times every part."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "lone_value_cost.py"), "--depth", "20", "--rounds", "2",
+                          "--reps", "2", "--threads", "1"], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "3 lone blocks" in run.stdout
+    rows = [line.split("|")[1].strip() for line in run.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[1:3] == ["plain", "as exported"] and rows[-3:] == ["tiny conv", "add + relu", "nothing"]
+    assert "| plain | " in run.stdout and "+0.000 [+0.000, +0.000]" in run.stdout  # plain against itself
