@@ -7,7 +7,9 @@ A fully pruned ELA model keeps the first block of every stage (SPEC §3); export
 10 allows a fully pruned export 5 % of plain over plain. This script times the plain model beside
 copies of the exported ELA 100 % model whose lone blocks compute less and less:
 
-- ``as exported``: ``x + ReLU(conv_v'(x))``;
+- ``as exported``: ``elanet.export.LoneValue`` run eagerly, ``x + ReLU(conv_v'(x))`` in one pass of
+  the native kernel (``elanet_dw_lone``) where it is built;
+- ``ATen ops``: the same as the three operators the exported graph holds (conv, ReLU, add);
 - ``prepacked``: the same through oneDNN's fused conv + ReLU with the weight reordered once
   (``torch.ops.mkldnn._convolution_pointwise``; not exportable to ONNX), plus the add;
 - ``conv only``: ``conv_v'(x)`` computed and dropped, the block returns ``x``;
@@ -68,6 +70,8 @@ class Part(nn.Module):
         self.tiny_w = torch.randn(8, 1, 3, 3)
 
     def forward(self, x, identity, memory):
+        if self.what == "ATen ops":
+            return x + F.relu(self.conv(x), inplace=True)
         if self.what == "prepacked":
             c = self.conv
             if not hasattr(self, "packed"):  # once, at the first call's input shape
@@ -86,7 +90,7 @@ class Part(nn.Module):
 
 models = {"plain": plain, "as exported": ela}
 parts = ("prepacked",) if torch.backends.mkldnn.is_available() else ()
-for what in (*parts, "conv only", "tiny conv", "add + relu", "nothing"):
+for what in ("ATen ops", *parts, "conv only", "tiny conv", "add + relu", "nothing"):
     m = copy.deepcopy(ela)
     for block in m.modules():
         if isinstance(getattr(block, "attn", None), LoneValue):

@@ -244,5 +244,5 @@ def test_lone_value_cost_script_times_every_part():
     assert run.returncode == 0, run.stderr
     assert "3 lone blocks" in run.stdout
     rows = [line.split("|")[1].strip() for line in run.stdout.splitlines() if line.startswith("| ") and "---" not in line]
-    assert rows[1:3] == ["plain", "as exported"] and rows[-3:] == ["tiny conv", "add + relu", "nothing"]
+    assert rows[1:4] == ["plain", "as exported", "ATen ops"] and rows[-3:] == ["tiny conv", "add + relu", "nothing"]
     assert "| plain | " in run.stdout and "+0.000 [+0.000, +0.000]" in run.stdout  # plain against itself

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from elanet import count_params, create_model
 from elanet.cli import main
@@ -187,3 +188,58 @@ def test_inference_model_swaps_in_the_inference_forms_with_the_same_outputs():
         x = torch.randn(batch, 3, 32, 32)
         with torch.no_grad():
             torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_lone_value_native_kernel_equals_its_aten_form_and_stays_out_of_exported_graphs():
+    """LoneValue runs eagerly as one native pass (x + ReLU(conv(x) + b)) where it applies, the same
+    function as the conv, ReLU and add that traced graphs keep; anything else falls back to those."""
+    from elanet.export import LoneValue
+    from elanet.kernels import epilogue_lib
+
+    if epilogue_lib() is None:
+        pytest.skip("native kernels unavailable here")
+    torch.manual_seed(0)
+    cl = torch.channels_last
+    calls = []
+    lib = epilogue_lib()
+    native = lib.elanet_dw_lone
+
+    def counting(*args):
+        calls.append(1)
+        return native(*args)
+
+    lib.elanet_dw_lone = counting
+    try:
+        for c, h, w, batch in ((64, 32, 32, 1), (128, 16, 16, 3), (8, 1, 1, 2), (16, 5, 1, 2), (24, 1, 7, 1)):
+            conv = torch.nn.Conv2d(c, c, 3, padding=1, groups=c)
+            lone = LoneValue(conv)
+            x = torch.randn(batch, c, h, w).contiguous(memory_format=cl)
+            with torch.no_grad():
+                want = x + torch.relu(F.conv2d(x, conv.weight, conv.bias, padding=1, groups=c))
+                n = len(calls)
+                got = lone(x, None, None)
+                assert len(calls) == n + 1 and got.is_contiguous(memory_format=cl)
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        with torch.no_grad():  # new parameters (as load_state_dict writes them) are picked up
+            conv.weight.mul_(-2.0)
+            torch.testing.assert_close(lone(x, None, None), x + torch.relu(conv(x)), rtol=1e-5, atol=1e-5)
+        n = len(calls)
+        conv = torch.nn.Conv2d(12, 12, 3, padding=1, groups=12)  # 12 channels: not a multiple of the 8-wide vectors
+        x12 = torch.randn(2, 12, 6, 6)
+        with torch.no_grad():
+            LoneValue(conv)(x12.contiguous(memory_format=cl), None, None)
+            LoneValue(torch.nn.Conv2d(8, 8, 3, padding=1, groups=8))(torch.randn(2, 8, 6, 6), None, None)  # NCHW
+        out = LoneValue(torch.nn.Conv2d(8, 8, 3, padding=1, groups=8))(torch.randn(2, 8, 6, 6).contiguous(memory_format=cl),
+                                                                          None, None)  # with gradients
+        assert out.requires_grad and len(calls) == n
+        model = create_model("resnet20_ela", num_classes=4).eval()
+        set_mask(model, [True, False, True, False, True, False])  # every prunable block pruned: three lone blocks
+        fast = inference_model(model).to(memory_format=cl)
+        with torch.no_grad():
+            program = torch.export.export(fast, (torch.randn(2, 3, 16, 16).contiguous(memory_format=cl),), strict=False)
+        assert len(calls) == n  # tracing took the ATen form
+        depthwise = [node for node in program.graph.nodes if node.op == "call_function" and str(node.target) == "aten.conv2d.default"
+                     and node.args[1].meta["val"].shape[1] == 1]
+        assert len(depthwise) == 3  # the three value convs, as ATen convolutions
+    finally:
+        lib.elanet_dw_lone = native

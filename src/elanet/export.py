@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import LayerMemory, MRLABase
+from .kernels import epilogue_lib
 from .profile import Profile, profile
 
 __all__ = ["FORMATS", "ExportReport", "strip_pruned", "fold_attention_bn", "specialise_attention", "inference_model",
@@ -147,6 +148,12 @@ class LoneValue(nn.Module):
     A softmax over one layer is exactly 1, so the block's output is its own value: the query, key,
     softmax and the stage memory drop out, and ``conv_v'`` carries the folded BN
     (:func:`fold_attention_bn`). Built by :func:`specialise_attention`.
+
+    Run eagerly on float32 channels-last CPU tensors without gradients, the whole block is one pass
+    of the native kernel (``kernels/depthwise.c``, ``elanet_dw_lone``): at batch 1 a oneDNN call costs
+    more than 100 µs inside a model whatever its size, which made the three such blocks of a fully
+    pruned ResNet-56 cost 6-8 % of the plain forward. Traced graphs (``torch.export``, ONNX,
+    ``torch.compile``) keep the convolution, ReLU and add as ATen operators.
     """
 
     position = "output"  # attaches where MRLA-B did (attention/context.py)
@@ -155,9 +162,36 @@ class LoneValue(nn.Module):
     def __init__(self, conv_v: nn.Conv2d) -> None:
         super().__init__()
         self.conv_v = conv_v
+        self._packed: tuple[tuple, tuple[Tensor, Tensor] | None] | None = None  # (key, (w9, bias) or None)
 
     def forward(self, x: Tensor, identity: Tensor | None, memory: Any) -> Tensor:
+        if (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+                and x.is_contiguous(memory_format=torch.channels_last) and not torch.compiler.is_compiling()
+                and not torch.jit.is_tracing() and not (self.conv_v._forward_hooks or self.conv_v._forward_pre_hooks)):
+            packed = self._native_weights(x.shape[1])
+            if packed is not None:
+                b, c, h, w = x.shape
+                out = torch.empty_like(x, memory_format=torch.channels_last)
+                if epilogue_lib().elanet_dw_lone(x.data_ptr(), b, h, w, c, packed[0].data_ptr(), packed[1].data_ptr(),
+                                                 out.data_ptr()):
+                    raise MemoryError("the native lone-block kernel could not allocate its zero row")
+                return out
         return x + F.relu(self.conv_v(x), inplace=True)
+
+    def _native_weights(self, channels: int) -> tuple[Tensor, Tensor] | None:
+        """The weight tap-major ``[9, C]`` and the bias for the kernel, or ``None`` where it does not apply;
+        made again whenever the parameters change (their storage or version)."""
+        conv = self.conv_v
+        w, bias = conv.weight, conv.bias
+        key = (channels, w.data_ptr(), w._version, None if bias is None else (bias.data_ptr(), bias._version))
+        if self._packed is None or self._packed[0] != key:
+            ok = (type(conv) is nn.Conv2d and bias is not None and w.dtype == bias.dtype == torch.float32
+                  and w.device.type == "cpu" and channels % 8 == 0 and conv.groups == channels == w.shape[0]
+                  and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+                  and conv.dilation == (1, 1) and conv.padding_mode == "zeros" and epilogue_lib() is not None)
+            packed = (w.detach().reshape(channels, 9).t().contiguous(), bias.detach().contiguous()) if ok else None
+            self._packed = key, packed
+        return self._packed[1]
 
 
 def specialise_attention(model: nn.Module) -> nn.Module:

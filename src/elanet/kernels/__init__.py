@@ -3,7 +3,8 @@
 Two kernel files, built into one library: ``epilogue.c``, the attention branch's BatchNorm +
 activation + DropPath + residual add in one pass each way, MRLA-L's gated mix before it (see
 ``attention/epilogue.py``) and MRLA-B's retrieval (``attention/aggregate.py``); and ``depthwise.c``,
-the value convolution with the descriptor's pooling (``attention/depthwise.py``). They are plain C
+the value convolution with the descriptor's pooling (``attention/depthwise.py``) and, for inference,
+a fully pruned stage's remaining block in one pass (``export.LoneValue``). They are plain C
 with OpenMP, about a second to build, linked against the ``libgomp`` that PyTorch ships so that it runs on torch's own
 thread pool. The shared library is cached under ``$ELANET_CACHE/kernels`` (see
 :func:`elanet.runtime.default_cache_dir`), keyed by the source, the flags and the compiler, and
@@ -54,6 +55,7 @@ _SIGNATURES = {
     "elanet_ret_backward": (_INT, [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR]),
     # value convolution: x, B, H, W, C, w9, ...
     "elanet_dw_forward": (_INT, [_PTR] + [_I64] * 4 + [_PTR, _PTR, _PTR]),
+    "elanet_dw_lone": (_INT, [_PTR] + [_I64] * 4 + [_PTR, _PTR, _PTR]),
     "elanet_dw_backward": (_INT, [_PTR, _PTR] + [_I64] * 4 + [_PTR] * 5),
 }
 

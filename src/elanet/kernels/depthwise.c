@@ -103,6 +103,39 @@ int elanet_dw_forward(const float* restrict x, int64_t B, int64_t H, int64_t W, 
     return failed;
 }
 
+/* out = x + max(DWConv3x3(x) + bias, 0): a stage's only active MRLA-B / ELA block in inference, with its
+ * BN folded into w9 and bias (export.LoneValue, paper eq. 5 with one layer). One read of x, one write. */
+int elanet_dw_lone(const float* restrict x, int64_t B, int64_t H, int64_t W, int64_t C,
+                   const float* restrict w9, const float* restrict bias, float* restrict out) {
+    const int64_t WC = W * C;
+    int failed = 0;
+    #pragma omp parallel
+    {
+        float* zeros = calloc(WC, sizeof(float));
+        int64_t lo, hi;
+        share_or_fail(B * H, zeros != NULL, &failed, &lo, &hi);
+        for (int64_t row = lo; row < hi; row++) {
+            const int64_t b = row / H, h = row % H;
+            const float* r0 = row_or_zeros(x, b, h - 1, H, WC, zeros);
+            const float* r1 = x + row * WC;
+            const float* r2 = row_or_zeros(x, b, h + 1, H, WC, zeros);
+            float* o_row = out + row * WC;
+            for (int64_t k = 0; k < C; k += VL) {
+                vf a[9];
+                for (int t = 0; t < 9; t++) a[t] = ld(w9 + t * C + k);
+                const vf bk = ld(bias + k), zero = {0};
+#define PX(w, left, right) do { const int64_t o = (w) * C + k; \
+                                const vf y = taps(a, r0, r1, r2, o, C, left, right) + bk; \
+                                st(o_row + o, ld(r1 + o) + (vf)((vi)y & (y > zero))); } while (0)
+                ALONG_ROW(W, PX);
+#undef PX
+            }
+        }
+        free(zeros);
+    }
+    return failed;
+}
+
 /* Backward of v = DWConv3x3(x) (with y = GAP(x) when gy is given, and x's other uses when gres is):
  *   grad_x[b, h, w, c] = sum_{i,j} w[i, j, c] g[b, h+1-i, w+1-j, c] + gy[b, c] + gres[b, h, w, c]
  *                                                                                   (grad_x may be NULL);
