@@ -14,6 +14,7 @@ from elanet import count_params, create_model
 from elanet.cli import main
 from elanet.data import build_data
 from elanet.attention import MRLABase
+from elanet.profile import profile
 from elanet.export import export_model, fold_attention_bn, inference_model, load_exported, strip_pruned
 from elanet.pruning import get_mask, set_mask
 from elanet.training import TrainConfig, train
@@ -238,6 +239,8 @@ def test_lone_value_native_kernel_equals_its_aten_form_and_stays_out_of_exported
         with torch.no_grad():
             program = torch.export.export(fast, (torch.randn(2, 3, 16, 16).contiguous(memory_format=cl),), strict=False)
         assert len(calls) == n  # tracing took the ATen form
+        assert profile(fast, (3, 16, 16)).macs == profile(inference_model(model), (3, 16, 16)).macs  # so does the MAC count
+        assert len(calls) == n
         depthwise = [node for node in program.graph.nodes if node.op == "call_function" and str(node.target) == "aten.conv2d.default"
                      and node.args[1].meta["val"].shape[1] == 1]
         assert len(depthwise) == 3  # the three value convs, as ATen convolutions

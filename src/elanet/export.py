@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from .attention import LayerMemory, MRLABase
 from .kernels import epilogue_lib
@@ -153,7 +154,8 @@ class LoneValue(nn.Module):
     of the native kernel (``kernels/depthwise.c``, ``elanet_dw_lone``): at batch 1 a oneDNN call costs
     more than 100 µs inside a model whatever its size, which made the three such blocks of a fully
     pruned ResNet-56 cost 6-8 % of the plain forward. Traced graphs (``torch.export``, ONNX,
-    ``torch.compile``) keep the convolution, ReLU and add as ATen operators.
+    ``torch.compile``) and dispatch modes (the MAC counter of :func:`elanet.profile.profile`) keep the
+    convolution, ReLU and add as ATen operators.
     """
 
     position = "output"  # attaches where MRLA-B did (attention/context.py)
@@ -167,7 +169,8 @@ class LoneValue(nn.Module):
     def forward(self, x: Tensor, identity: Tensor | None, memory: Any) -> Tensor:
         if (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
                 and x.is_contiguous(memory_format=torch.channels_last) and not torch.compiler.is_compiling()
-                and not torch.jit.is_tracing() and not (self.conv_v._forward_hooks or self.conv_v._forward_pre_hooks)):
+                and not torch.jit.is_tracing() and not is_in_torch_dispatch_mode()  # e.g. FlopCounterMode counts ATen ops
+                and not (self.conv_v._forward_hooks or self.conv_v._forward_pre_hooks)):
             packed = self._native_weights(x.shape[1])
             if packed is not None:
                 b, c, h, w = x.shape
