@@ -189,6 +189,22 @@ def test_inference_model_swaps_in_the_inference_forms_with_the_same_outputs():
         x = torch.randn(batch, 3, 32, 32)
         with torch.no_grad():
             torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+    from elanet.kernels import epilogue_lib
+
+    lib = epilogue_lib()
+    if lib is None:
+        return
+    calls = []
+    native = lib.elanet_epi_forward
+    lib.elanet_epi_forward = lambda *args: calls.append(1) or native(*args)
+    try:  # channels-last, no gradients: InferenceMRLA's BN + ReLU + add are the native epilogue, same outputs
+        fast = fast.to(memory_format=torch.channels_last)
+        x = torch.randn(3, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+        assert len(calls) == 2  # the two InferenceMRLA blocks of stage 1
+    finally:
+        lib.elanet_epi_forward = native
 
 
 def test_lone_value_native_kernel_equals_its_aten_form_and_stays_out_of_exported_graphs():

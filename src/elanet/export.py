@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from .attention import LayerMemory, MRLABase
+from .attention.epilogue import _geometry
 from .kernels import epilogue_lib
 from .profile import Profile, profile
 
@@ -111,13 +112,24 @@ def fold_attention_bn(model: nn.Module) -> nn.Module:
     return model
 
 
+def _eager_cpu_channels_last(x: Tensor) -> bool:
+    """Whether an inference form may run ``x`` through the native kernels: eager, no gradients, float32
+    channels-last on the CPU; traced graphs and dispatch modes (e.g. the MAC counter of
+    :func:`elanet.profile.profile`) take the ATen operators."""
+    return (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+            and x.is_contiguous(memory_format=torch.channels_last) and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing() and not is_in_torch_dispatch_mode())
+
+
 class InferenceMRLA(MRLABase):
     """An active MRLA-B / ELA block in eval mode with fewer small ops (eq. 5, same function).
 
     The query and key convs are one conv with two output channels, the query's weights carrying the
     ``1 / sqrt(d)`` scale; the descriptor is one ``mean``; the stage's first block (a softmax over
-    one layer, exactly 1) skips the query. Built by :func:`specialise_attention`; inference only
-    (no DropPath, no recorder, no gradients to its convs).
+    one layer, exactly 1) skips the query. Run eagerly on float32 channels-last CPU tensors without
+    gradients, the BN, ReLU and residual add after the retrieval are one pass of the native epilogue
+    (``kernels/epilogue.c``). Built by :func:`specialise_attention`; inference only (no DropPath, no
+    recorder, no gradients to its convs).
     """
 
     def __init__(self, m: MRLABase) -> None:
@@ -128,6 +140,7 @@ class InferenceMRLA(MRLABase):
             self.conv_qk.weight.copy_(torch.cat((m.conv_q.weight * m.scale, m.conv_k.weight)))
         self.conv_v, self.bn = m.conv_v, m.bn
         self.block_index, self.stage_index, self.first_in_stage = m.block_index, m.stage_index, m.first_in_stage
+        self._affine: tuple[tuple, tuple[Tensor, Tensor] | None] | None = None  # (key, eval BN scale / shift or None)
         self.eval()
 
     def forward(self, x: Tensor, identity: Tensor | None, memory: LayerMemory) -> Tensor:
@@ -140,7 +153,28 @@ class InferenceMRLA(MRLABase):
             keys = torch.stack(memory.keys, dim=2)  # [B, heads, n, d]
             attn = torch.matmul(qk[:, 0].unsqueeze(2), keys.transpose(-1, -2)).squeeze(2).softmax(dim=-1)
         out = memory.retrieve(attn, self.conv_v(x))
+        if _eager_cpu_channels_last(x) and out.is_contiguous(memory_format=torch.channels_last):
+            affine = self._bn_affine()
+            if affine is not None:  # BN, ReLU and the add in one pass of the native epilogue
+                res = torch.empty_like(x, memory_format=torch.channels_last)
+                epilogue_lib().elanet_epi_forward(out.data_ptr(), *_geometry(out), x.data_ptr(), affine[0].data_ptr(),
+                                                  affine[1].data_ptr(), None, 1, res.data_ptr())
+                return res
         return x + F.relu(self.bn(out), inplace=True)
+
+    def _bn_affine(self) -> tuple[Tensor, Tensor] | None:
+        """The eval BN as float32 ``(scale, shift)`` for the native epilogue, or ``None`` where it does not
+        apply; made again whenever the BN's parameters or statistics change."""
+        bn = self.bn
+        if type(bn) is not nn.BatchNorm2d or bn.training or not bn.affine or bn.running_var is None:
+            return None
+        tensors = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        if self._affine is None or self._affine[0] != key:
+            ok = all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) and epilogue_lib() is not None
+            scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+            self._affine = key, ((scale.contiguous(), (bn.bias.detach() - bn.running_mean * scale).contiguous()) if ok else None)
+        return self._affine[1]
 
 
 class LoneValue(nn.Module):
@@ -167,10 +201,7 @@ class LoneValue(nn.Module):
         self._packed: tuple[tuple, tuple[Tensor, Tensor] | None] | None = None  # (key, (w9, bias) or None)
 
     def forward(self, x: Tensor, identity: Tensor | None, memory: Any) -> Tensor:
-        if (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
-                and x.is_contiguous(memory_format=torch.channels_last) and not torch.compiler.is_compiling()
-                and not torch.jit.is_tracing() and not is_in_torch_dispatch_mode()  # e.g. FlopCounterMode counts ATen ops
-                and not (self.conv_v._forward_hooks or self.conv_v._forward_pre_hooks)):
+        if _eager_cpu_channels_last(x) and not (self.conv_v._forward_hooks or self.conv_v._forward_pre_hooks):
             packed = self._native_weights(x.shape[1])
             if packed is not None:
                 b, c, h, w = x.shape
