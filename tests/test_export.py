@@ -194,17 +194,26 @@ def test_inference_model_swaps_in_the_inference_forms_with_the_same_outputs():
     lib = epilogue_lib()
     if lib is None:
         return
-    calls = []
-    native = lib.elanet_epi_forward
-    lib.elanet_epi_forward = lambda *args: calls.append(1) or native(*args)
-    try:  # channels-last, no gradients: InferenceMRLA's BN + ReLU + add are the native epilogue, same outputs
+    calls = {"elanet_epi_forward": 0, "elanet_dw_forward": 0}
+    native = {name: getattr(lib, name) for name in calls}
+
+    def counting(name):
+        def call(*args):
+            calls[name] += 1
+            return native[name](*args)
+        return call
+
+    for name in calls:
+        setattr(lib, name, counting(name))
+    try:  # channels-last, no gradients: InferenceMRLA's value conv and its BN + ReLU + add are native, same outputs
         fast = fast.to(memory_format=torch.channels_last)
         x = torch.randn(3, 3, 32, 32).contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
-        assert len(calls) == 2  # the two InferenceMRLA blocks of stage 1
+        assert calls == {"elanet_epi_forward": 2, "elanet_dw_forward": 2}  # the two InferenceMRLA blocks of stage 1
     finally:
-        lib.elanet_epi_forward = native
+        for name, fn in native.items():
+            setattr(lib, name, fn)
 
 
 def test_lone_value_native_kernel_equals_its_aten_form_and_stays_out_of_exported_graphs():

@@ -121,13 +121,38 @@ def _eager_cpu_channels_last(x: Tensor) -> bool:
             and not torch.jit.is_tracing() and not is_in_torch_dispatch_mode())
 
 
+class _TapMajor:
+    """A depthwise 3x3 conv's weight tap-major ``[9, C]`` (and its bias) for the native kernels, or
+    ``None`` where they do not apply; made again whenever the parameters change (storage or version)."""
+
+    __slots__ = ("key", "packed")
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.packed: tuple[Tensor, Tensor | None] | None = None
+
+    def __call__(self, conv: nn.Conv2d, channels: int) -> tuple[Tensor, Tensor | None] | None:
+        w, bias = conv.weight, conv.bias
+        key = (channels, w.data_ptr(), w._version, None if bias is None else (bias.data_ptr(), bias._version))
+        if self.key != key:
+            ok = (type(conv) is nn.Conv2d and w.dtype == torch.float32 and w.device.type == "cpu" and channels % 8 == 0
+                  and (bias is None or bias.dtype == torch.float32) and conv.groups == channels == w.shape[0]
+                  and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+                  and conv.dilation == (1, 1) and conv.padding_mode == "zeros" and epilogue_lib() is not None)
+            self.key = key
+            self.packed = (w.detach().reshape(channels, 9).t().contiguous(),
+                           None if bias is None else bias.detach().contiguous()) if ok else None
+        return self.packed
+
+
 class InferenceMRLA(MRLABase):
     """An active MRLA-B / ELA block in eval mode with fewer small ops (eq. 5, same function).
 
     The query and key convs are one conv with two output channels, the query's weights carrying the
     ``1 / sqrt(d)`` scale; the descriptor is one ``mean``; the stage's first block (a softmax over
     one layer, exactly 1) skips the query. Run eagerly on float32 channels-last CPU tensors without
-    gradients, the BN, ReLU and residual add after the retrieval are one pass of the native epilogue
+    gradients, the value convolution is the native depthwise kernel (``kernels/depthwise.c``) and the
+    BN, ReLU and residual add after the retrieval are one pass of the native epilogue
     (``kernels/epilogue.c``). Built by :func:`specialise_attention`; inference only (no DropPath, no
     recorder, no gradients to its convs).
     """
@@ -141,6 +166,7 @@ class InferenceMRLA(MRLABase):
         self.conv_v, self.bn = m.conv_v, m.bn
         self.block_index, self.stage_index, self.first_in_stage = m.block_index, m.stage_index, m.first_in_stage
         self._affine: tuple[tuple, tuple[Tensor, Tensor] | None] | None = None  # (key, eval BN scale / shift or None)
+        self._taps = _TapMajor()
         self.eval()
 
     def forward(self, x: Tensor, identity: Tensor | None, memory: LayerMemory) -> Tensor:
@@ -152,8 +178,17 @@ class InferenceMRLA(MRLABase):
         else:
             keys = torch.stack(memory.keys, dim=2)  # [B, heads, n, d]
             attn = torch.matmul(qk[:, 0].unsqueeze(2), keys.transpose(-1, -2)).squeeze(2).softmax(dim=-1)
-        out = memory.retrieve(attn, self.conv_v(x))
-        if _eager_cpu_channels_last(x) and out.is_contiguous(memory_format=torch.channels_last):
+        native = _eager_cpu_channels_last(x) and not (self.conv_v._forward_hooks or self.conv_v._forward_pre_hooks)
+        packed = self._taps(self.conv_v, x.shape[1]) if native else None
+        if packed is not None and packed[1] is None:  # the value conv in the native kernel (one oneDNN call less)
+            b, c, h, w = x.shape
+            value = torch.empty_like(x, memory_format=torch.channels_last)
+            if epilogue_lib().elanet_dw_forward(x.data_ptr(), b, h, w, c, packed[0].data_ptr(), value.data_ptr(), None):
+                raise MemoryError("the native value convolution could not allocate its zero row")
+        else:
+            value = self.conv_v(x)
+        out = memory.retrieve(attn, value)
+        if native and out.is_contiguous(memory_format=torch.channels_last):
             affine = self._bn_affine()
             if affine is not None:  # BN, ReLU and the add in one pass of the native epilogue
                 res = torch.empty_like(x, memory_format=torch.channels_last)
@@ -198,12 +233,12 @@ class LoneValue(nn.Module):
     def __init__(self, conv_v: nn.Conv2d) -> None:
         super().__init__()
         self.conv_v = conv_v
-        self._packed: tuple[tuple, tuple[Tensor, Tensor] | None] | None = None  # (key, (w9, bias) or None)
+        self._taps = _TapMajor()
 
     def forward(self, x: Tensor, identity: Tensor | None, memory: Any) -> Tensor:
         if _eager_cpu_channels_last(x) and not (self.conv_v._forward_hooks or self.conv_v._forward_pre_hooks):
-            packed = self._native_weights(x.shape[1])
-            if packed is not None:
+            packed = self._taps(self.conv_v, x.shape[1])
+            if packed is not None and packed[1] is not None:
                 b, c, h, w = x.shape
                 out = torch.empty_like(x, memory_format=torch.channels_last)
                 if epilogue_lib().elanet_dw_lone(x.data_ptr(), b, h, w, c, packed[0].data_ptr(), packed[1].data_ptr(),
@@ -211,21 +246,6 @@ class LoneValue(nn.Module):
                     raise MemoryError("the native lone-block kernel could not allocate its zero row")
                 return out
         return x + F.relu(self.conv_v(x), inplace=True)
-
-    def _native_weights(self, channels: int) -> tuple[Tensor, Tensor] | None:
-        """The weight tap-major ``[9, C]`` and the bias for the kernel, or ``None`` where it does not apply;
-        made again whenever the parameters change (their storage or version)."""
-        conv = self.conv_v
-        w, bias = conv.weight, conv.bias
-        key = (channels, w.data_ptr(), w._version, None if bias is None else (bias.data_ptr(), bias._version))
-        if self._packed is None or self._packed[0] != key:
-            ok = (type(conv) is nn.Conv2d and bias is not None and w.dtype == bias.dtype == torch.float32
-                  and w.device.type == "cpu" and channels % 8 == 0 and conv.groups == channels == w.shape[0]
-                  and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
-                  and conv.dilation == (1, 1) and conv.padding_mode == "zeros" and epilogue_lib() is not None)
-            packed = (w.detach().reshape(channels, 9).t().contiguous(), bias.detach().contiguous()) if ok else None
-            self._packed = key, packed
-        return self._packed[1]
 
 
 def specialise_attention(model: nn.Module) -> nn.Module:
