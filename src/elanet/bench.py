@@ -613,8 +613,8 @@ def run_infer_benchmark(
                               if onnx else "eval-mode forward under torch.inference_mode") +
                              "; exported ELA = the model with pruned attention removed and attention BN folded into the "
                              "value conv (elanet.export.inference_model), as elanet export writes it" +
-                             ("" if onnx else "; run eagerly, a fully pruned stage's lone block is one native kernel "
-                                              "call where the kernels are built (the exported graph has ATen ops)")},
+                             ("" if onnx else "; run eagerly, its inference forms use the native kernels where "
+                                              "they are built (the exported graph has the ATen ops)")},
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "loadavg_1min": load,
                     "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"},
