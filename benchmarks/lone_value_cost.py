@@ -8,7 +8,7 @@ A fully pruned ELA model keeps the first block of every stage (SPEC §3); export
 copies of the exported ELA 100 % model whose lone blocks compute less and less:
 
 - ``as exported``: ``elanet.export.LoneValue`` run eagerly, ``x + ReLU(conv_v'(x))`` in one pass of
-  the native kernel (``elanet_dw_lone``) where it is built;
+  the native kernel (``elanet_dw_forward`` with ``lone``) where it is built;
 - ``ATen ops``: the same as the three operators the exported graph holds (conv, ReLU, add);
 - ``prepacked``: the same through oneDNN's fused conv + ReLU with the weight reordered once
   (``torch.ops.mkldnn._convolution_pointwise``; not exportable to ONNX), plus the add;

@@ -183,7 +183,7 @@ class InferenceMRLA(MRLABase):
         if packed is not None and packed[1] is None:  # the value conv in the native kernel (one oneDNN call less)
             b, c, h, w = x.shape
             value = torch.empty_like(x, memory_format=torch.channels_last)
-            if epilogue_lib().elanet_dw_forward(x.data_ptr(), b, h, w, c, packed[0].data_ptr(), value.data_ptr(), None):
+            if epilogue_lib().elanet_dw_forward(x.data_ptr(), b, h, w, c, packed[0].data_ptr(), None, 0, value.data_ptr(), None):
                 raise MemoryError("the native value convolution could not allocate its zero row")
         else:
             value = self.conv_v(x)
@@ -220,9 +220,9 @@ class LoneValue(nn.Module):
     (:func:`fold_attention_bn`). Built by :func:`specialise_attention`.
 
     Run eagerly on float32 channels-last CPU tensors without gradients, the whole block is one pass
-    of the native kernel (``kernels/depthwise.c``, ``elanet_dw_lone``): at batch 1 a oneDNN call costs
-    more than 100 µs inside a model whatever its size, which made the three such blocks of a fully
-    pruned ResNet-56 cost 6-8 % of the plain forward. Traced graphs (``torch.export``, ONNX,
+    of the native kernel (``kernels/depthwise.c``, ``elanet_dw_forward`` with ``lone``): at batch 1
+    a oneDNN call costs more than 100 µs inside a model whatever its size, which made the three such
+    blocks of a fully pruned ResNet-56 cost 6-8 % of the plain forward. Traced graphs (``torch.export``, ONNX,
     ``torch.compile``) and dispatch modes (the MAC counter of :func:`elanet.profile.profile`) keep the
     convolution, ReLU and add as ATen operators.
     """
@@ -241,8 +241,8 @@ class LoneValue(nn.Module):
             if packed is not None and packed[1] is not None:
                 b, c, h, w = x.shape
                 out = torch.empty_like(x, memory_format=torch.channels_last)
-                if epilogue_lib().elanet_dw_lone(x.data_ptr(), b, h, w, c, packed[0].data_ptr(), packed[1].data_ptr(),
-                                                 out.data_ptr()):
+                if epilogue_lib().elanet_dw_forward(x.data_ptr(), b, h, w, c, packed[0].data_ptr(), packed[1].data_ptr(), 1,
+                                                    out.data_ptr(), None):
                     raise MemoryError("the native lone-block kernel could not allocate its zero row")
                 return out
         return x + F.relu(self.conv_v(x), inplace=True)

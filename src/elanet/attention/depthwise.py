@@ -58,7 +58,7 @@ class _ValuePool(torch.autograd.Function):
         w9 = weight.detach().reshape(c, 9).t().contiguous()  # tap-major [9, C]
         v = torch.empty_like(x, memory_format=torch.channels_last)
         rowsum = torch.empty((b, h, c), dtype=torch.float64)
-        if epilogue_lib().elanet_dw_forward(x.data_ptr(), b, h, w, c, w9.data_ptr(), v.data_ptr(), rowsum.data_ptr()):
+        if epilogue_lib().elanet_dw_forward(x.data_ptr(), b, h, w, c, w9.data_ptr(), None, 0, v.data_ptr(), rowsum.data_ptr()):
             raise MemoryError("the native value convolution could not allocate its zero row")
         ctx.save_for_backward(x)
         ctx.w9, ctx.weight_shape = w9, weight.shape

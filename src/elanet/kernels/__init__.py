@@ -54,8 +54,7 @@ _SIGNATURES = {
     "elanet_ret_forward": (_INT, [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR]),
     "elanet_ret_backward": (_INT, [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR]),
     # value convolution: x, B, H, W, C, w9, ...
-    "elanet_dw_forward": (_INT, [_PTR] + [_I64] * 4 + [_PTR, _PTR, _PTR]),
-    "elanet_dw_lone": (_INT, [_PTR] + [_I64] * 4 + [_PTR, _PTR, _PTR]),
+    "elanet_dw_forward": (_INT, [_PTR] + [_I64] * 4 + [_PTR, _PTR, _INT, _PTR, _PTR]),  # ..., w9, bias, lone, v, rowsum
     "elanet_dw_backward": (_INT, [_PTR, _PTR] + [_I64] * 4 + [_PTR] * 5),
 }
 

@@ -70,9 +70,13 @@ static inline void tap_products(vf* s, vf g, const float* r0, const float* r1, c
         }                                                       \
     } while (0)
 
-/* v = DWConv3x3(x); rowsum[(b*H + h)*C + c] = sum_w x[b, h, w, c] when rowsum is not NULL */
+/* v = DWConv3x3(x) + bias (bias may be NULL: none); rowsum[(b*H + h)*C + c] = sum_w x[b, h, w, c] when
+ * rowsum is not NULL. With lone != 0, v = x + max(DWConv3x3(x) + bias, 0) instead (rowsum unused): a
+ * stage's only active MRLA-B / ELA block in inference, its BN folded into w9 and bias (export.LoneValue,
+ * paper eq. 5 with one layer), in one read of x and one write. */
 int elanet_dw_forward(const float* restrict x, int64_t B, int64_t H, int64_t W, int64_t C,
-                      const float* restrict w9, float* restrict v, double* restrict rowsum) {
+                      const float* restrict w9, const float* restrict bias, int lone, float* restrict v,
+                      double* restrict rowsum) {
     const int64_t WC = W * C;
     int failed = 0;
     #pragma omp parallel
@@ -89,46 +93,21 @@ int elanet_dw_forward(const float* restrict x, int64_t B, int64_t H, int64_t W, 
             for (int64_t k = 0; k < C; k += VL) {
                 vf a[9];
                 for (int t = 0; t < 9; t++) a[t] = ld(w9 + t * C + k);
+                const vf bk = bias ? ld(bias + k) : (vf){0}, zero = {0};
+                if (lone) {
+#define PX(w, left, right) do { const int64_t o = (w) * C + k; const vf y = taps(a, r0, r1, r2, o, C, left, right) + bk; \
+                                st(out + o, ld(r1 + o) + (vf)((vi)y & (y > zero))); } while (0)
+                    ALONG_ROW(W, PX);
+#undef PX
+                    continue;
+                }
                 vf sum = {0};
-#define PX(w, left, right) do { const int64_t o = (w) * C + k; st(out + o, taps(a, r0, r1, r2, o, C, left, right)); \
+#define PX(w, left, right) do { const int64_t o = (w) * C + k; st(out + o, taps(a, r0, r1, r2, o, C, left, right) + bk); \
                                 sum += ld(r1 + o); } while (0)
                 ALONG_ROW(W, PX);
 #undef PX
                 if (rowsum)
                     for (int l = 0; l < VL; l++) rowsum[row * C + k + l] = sum[l];
-            }
-        }
-        free(zeros);
-    }
-    return failed;
-}
-
-/* out = x + max(DWConv3x3(x) + bias, 0): a stage's only active MRLA-B / ELA block in inference, with its
- * BN folded into w9 and bias (export.LoneValue, paper eq. 5 with one layer). One read of x, one write. */
-int elanet_dw_lone(const float* restrict x, int64_t B, int64_t H, int64_t W, int64_t C,
-                   const float* restrict w9, const float* restrict bias, float* restrict out) {
-    const int64_t WC = W * C;
-    int failed = 0;
-    #pragma omp parallel
-    {
-        float* zeros = calloc(WC, sizeof(float));
-        int64_t lo, hi;
-        share_or_fail(B * H, zeros != NULL, &failed, &lo, &hi);
-        for (int64_t row = lo; row < hi; row++) {
-            const int64_t b = row / H, h = row % H;
-            const float* r0 = row_or_zeros(x, b, h - 1, H, WC, zeros);
-            const float* r1 = x + row * WC;
-            const float* r2 = row_or_zeros(x, b, h + 1, H, WC, zeros);
-            float* o_row = out + row * WC;
-            for (int64_t k = 0; k < C; k += VL) {
-                vf a[9];
-                for (int t = 0; t < 9; t++) a[t] = ld(w9 + t * C + k);
-                const vf bk = ld(bias + k), zero = {0};
-#define PX(w, left, right) do { const int64_t o = (w) * C + k; \
-                                const vf y = taps(a, r0, r1, r2, o, C, left, right) + bk; \
-                                st(o_row + o, ld(r1 + o) + (vf)((vi)y & (y > zero))); } while (0)
-                ALONG_ROW(W, PX);
-#undef PX
             }
         }
         free(zeros);
