@@ -145,6 +145,22 @@ class _TapMajor:
         return self.packed
 
 
+def _native_depthwise(x: Tensor, conv: nn.Conv2d, taps: _TapMajor, *, lone: bool) -> Tensor | None:
+    """``conv(x)``, or with ``lone`` ``x + ReLU(conv(x))``, in one pass of the native depthwise kernel;
+    ``None`` where it does not apply. The caller has checked :func:`_eager_cpu_channels_last`."""
+    if conv._forward_hooks or conv._forward_pre_hooks:  # the kernel would bypass them
+        return None
+    packed = taps(conv, x.shape[1])
+    if packed is None:
+        return None
+    b, c, h, w = x.shape
+    out = torch.empty_like(x, memory_format=torch.channels_last)
+    if epilogue_lib().elanet_dw_forward(x.data_ptr(), b, h, w, c, packed[0].data_ptr(),
+                                        None if packed[1] is None else packed[1].data_ptr(), int(lone), out.data_ptr(), None):
+        raise MemoryError("the native depthwise kernel could not allocate its zero row")
+    return out
+
+
 class InferenceMRLA(MRLABase):
     """An active MRLA-B / ELA block in eval mode with fewer small ops (eq. 5, same function).
 
@@ -178,16 +194,9 @@ class InferenceMRLA(MRLABase):
         else:
             keys = torch.stack(memory.keys, dim=2)  # [B, heads, n, d]
             attn = torch.matmul(qk[:, 0].unsqueeze(2), keys.transpose(-1, -2)).squeeze(2).softmax(dim=-1)
-        native = _eager_cpu_channels_last(x) and not (self.conv_v._forward_hooks or self.conv_v._forward_pre_hooks)
-        packed = self._taps(self.conv_v, x.shape[1]) if native else None
-        if packed is not None and packed[1] is None:  # the value conv in the native kernel (one oneDNN call less)
-            b, c, h, w = x.shape
-            value = torch.empty_like(x, memory_format=torch.channels_last)
-            if epilogue_lib().elanet_dw_forward(x.data_ptr(), b, h, w, c, packed[0].data_ptr(), None, 0, value.data_ptr(), None):
-                raise MemoryError("the native value convolution could not allocate its zero row")
-        else:
-            value = self.conv_v(x)
-        out = memory.retrieve(attn, value)
+        native = _eager_cpu_channels_last(x)
+        value = _native_depthwise(x, self.conv_v, self._taps, lone=False) if native else None  # one oneDNN call less
+        out = memory.retrieve(attn, self.conv_v(x) if value is None else value)
         if native and out.is_contiguous(memory_format=torch.channels_last):
             affine = self._bn_affine()
             if affine is not None:  # BN, ReLU and the add in one pass of the native epilogue
@@ -222,8 +231,8 @@ class LoneValue(nn.Module):
     Run eagerly on float32 channels-last CPU tensors without gradients, the whole block is one pass
     of the native kernel (``kernels/depthwise.c``, ``elanet_dw_forward`` with ``lone``): at batch 1
     a oneDNN call costs more than 100 µs inside a model whatever its size, which made the three such
-    blocks of a fully pruned ResNet-56 cost 6-8 % of the plain forward. Traced graphs (``torch.export``, ONNX,
-    ``torch.compile``) and dispatch modes (the MAC counter of :func:`elanet.profile.profile`) keep the
+    blocks of a fully pruned ResNet-56 cost 6-8 % of the plain forward. Traced graphs (``torch.export``,
+    ONNX, ``torch.compile``) and dispatch modes (the MAC counter of :func:`elanet.profile.profile`) keep the
     convolution, ReLU and add as ATen operators.
     """
 
@@ -236,16 +245,8 @@ class LoneValue(nn.Module):
         self._taps = _TapMajor()
 
     def forward(self, x: Tensor, identity: Tensor | None, memory: Any) -> Tensor:
-        if _eager_cpu_channels_last(x) and not (self.conv_v._forward_hooks or self.conv_v._forward_pre_hooks):
-            packed = self._taps(self.conv_v, x.shape[1])
-            if packed is not None and packed[1] is not None:
-                b, c, h, w = x.shape
-                out = torch.empty_like(x, memory_format=torch.channels_last)
-                if epilogue_lib().elanet_dw_forward(x.data_ptr(), b, h, w, c, packed[0].data_ptr(), packed[1].data_ptr(), 1,
-                                                    out.data_ptr(), None):
-                    raise MemoryError("the native lone-block kernel could not allocate its zero row")
-                return out
-        return x + F.relu(self.conv_v(x), inplace=True)
+        out = _native_depthwise(x, self.conv_v, self._taps, lone=True) if _eager_cpu_channels_last(x) else None
+        return x + F.relu(self.conv_v(x), inplace=True) if out is None else out
 
 
 def specialise_attention(model: nn.Module) -> nn.Module:

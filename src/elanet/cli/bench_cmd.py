@@ -147,10 +147,6 @@ def _run(args: argparse.Namespace) -> int:
 def _run_infer(args: argparse.Namespace, log) -> int:
     if args.run or args.no_kl:
         raise ValueError("--run and --no-kl belong to --mode train: drop them for --mode infer")
-    if args.runtime == "onnxruntime":
-        from ..export import _onnx_modules
-
-        _onnx_modules()  # the extra is missing: say so before any model is built
     args.fractions = list(INFER_FRACTIONS) if args.fractions is None else args.fractions
     variants = make_infer_variants(args.depths, fractions=args.fractions)
     if log:
